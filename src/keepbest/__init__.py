@@ -1,0 +1,42 @@
+"""keepbest: crash-safe, fast and inspectable model checkpointing.
+
+The core (this package) is framework-free; ``keepbest.keras`` is the Keras 3
+adapter, imported on its own so that the core never pulls a framework in.
+"""
+
+__version__ = "0.1.0"
+
+from keepbest.errors import (  # noqa: E402
+    AsyncSaveError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KeepbestError,
+    MonitorError,
+    StateMismatchError,
+    StorageError,
+)
+from keepbest.manager import Checkpoint, CheckpointManager, TensorPayload  # noqa: E402
+from keepbest.manifest import FileEntry, Manifest, MonitorRecord  # noqa: E402
+from keepbest.policy import KeepBest, KeepLast, Monitor  # noqa: E402
+from keepbest.storage import LocalStore  # noqa: E402
+
+__all__ = [
+    "AsyncSaveError",
+    "Checkpoint",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "FileEntry",
+    "KeepBest",
+    "KeepLast",
+    "KeepbestError",
+    "LocalStore",
+    "Manifest",
+    "Monitor",
+    "MonitorError",
+    "MonitorRecord",
+    "StateMismatchError",
+    "StorageError",
+    "TensorPayload",
+    "__version__",
+]

@@ -1,0 +1,182 @@
+"""Tensors to and from bytes in the safetensors format, written and read here.
+
+The format is an 8-byte little-endian header length, a JSON header
+(``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``)
+and the raw little-endian tensor bytes. Files are interchangeable with the
+``safetensors`` package. Reading validates the whole header before touching
+data (sizes, offsets, dtypes, no overlaps, no gaps), maps the file with mmap
+and never executes anything.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> size, sha = write_file(path, {"w": np.arange(3, dtype=np.float32)})
+    >>> read_file(path)["w"].tolist()
+    [0.0, 1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+from keepbest.errors import CorruptCheckpointError
+
+# Headers larger than this are not something keepbest wrote; refusing them
+# avoids allocating whatever a damaged length field claims.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+try:  # bfloat16 and float8 arrive as ml_dtypes types (JAX and Keras depend on it)
+    import ml_dtypes
+
+    _DTYPES.update({
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+        "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    })
+except ImportError:  # pragma: no cover - numpy-only installs have no such arrays
+    pass
+_CODES = {dt: code for code, dt in _DTYPES.items()}
+
+
+def dtype_code(dtype: np.dtype[Any]) -> str:
+    code = _CODES.get(np.dtype(dtype).newbyteorder("<")) or _CODES.get(np.dtype(dtype))
+    if code is None:
+        raise TypeError(
+            f"Cannot store a tensor of dtype {dtype} in safetensors. Supported: "
+            f"{', '.join(str(d) for d in _CODES)}. Received: dtype={dtype}"
+        )
+    return code
+
+
+def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> tuple[bytes, list[np.ndarray]]:
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays = []
+    offset = 0
+    for name in sorted(tensors):
+        if name == "__metadata__":
+            raise ValueError("A tensor cannot be named '__metadata__'. Rename it. Received: name='__metadata__'")
+        arr = np.asarray(tensors[name])
+        code = dtype_code(arr.dtype)
+        arr = np.ascontiguousarray(arr, dtype=_DTYPES[code])
+        doc[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, arrays
+
+
+def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
+               metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Writes ``tensors`` to ``path``; returns (size, sha256) of what was written.
+
+    The hash is computed from the bytes as they are written, so the file is
+    never read back. The caller owns fsync and the atomic rename.
+    """
+    head, arrays = _header(tensors, metadata)
+    h = hashlib.sha256(head)
+    size = len(head)
+    with open(path, "wb") as f:
+        f.write(head)
+        for arr in arrays:
+            view = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            h.update(view)
+            f.write(view)
+            size += view.nbytes
+    return size, h.hexdigest()
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Validated tensor entries, metadata and the byte offset where data starts."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, "the file is shorter than the 8-byte header length", f"size={file_size}")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or 8 + length > file_size:
+            raise _corrupt(path, "the header length is larger than the file (truncated or damaged)",
+                           f"header_length={length} file_size={file_size}")
+        raw = f.read(length)
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: math.nan)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(path, f"the header is not valid JSON ({e})", f"header={raw[:80]!r}") from None
+    if not isinstance(doc, dict):
+        raise _corrupt(path, "the header is not a JSON object", f"header={raw[:80]!r}")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings", f"__metadata__={metadata!r:.80}")
+    data_len = file_size - 8 - length
+    spans = []
+    for name, info in doc.items():
+        _check_entry(path, name, info, data_len)
+        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            raise _corrupt(path, f"tensor '{name}' overlaps another or leaves a gap", f"data_offsets={[begin, stop]}")
+        end = stop
+    if end != data_len:
+        raise _corrupt(path, "the tensors do not cover the data exactly (truncated or extra bytes)",
+                       f"data_bytes={data_len} described={end}")
+    return doc, metadata, 8 + length
+
+
+def _check_entry(path: str | os.PathLike[str], name: str, info: Any, data_len: int) -> None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _corrupt(path, f"tensor '{name}' needs exactly dtype, shape and data_offsets", f"{name}={info!r:.120}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise _corrupt(path, f"tensor '{name}' has an unknown dtype", f"dtype={dtype!r}")
+    ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets]) \
+        if isinstance(shape, list) and isinstance(offsets, list) else False
+    if not ints_ok or len(offsets) != 2:
+        raise _corrupt(path, f"tensor '{name}' has a malformed shape or data_offsets",
+                       f"shape={shape!r:.80} data_offsets={offsets!r:.80}")
+    begin, stop = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if stop > data_len or begin > stop or stop - begin != nbytes:
+        raise _corrupt(path, f"tensor '{name}' claims bytes the file does not hold",
+                       f"shape={shape} dtype={dtype} data_offsets={offsets} data_bytes={data_len}")
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file, as read-only arrays backed by mmap."""
+    entries, _meta, start = read_header(path)
+    if not entries:
+        return {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    out = {}
+    for name, info in entries.items():
+        begin, stop = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        count = (stop - begin) // dtype.itemsize
+        out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
+    return out
+
+
+def _corrupt(path: str | os.PathLike[str], why: str, received: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Cannot read tensors from {path}: {why}. The file is damaged or not a safetensors "
+        f"file; load another checkpoint. Received: {received}"
+    )
