@@ -73,7 +73,9 @@ def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
             raise ValueError("A tensor cannot be named '__metadata__'. Rename it. Received: name='__metadata__'")
         arr = np.asarray(tensors[name])
         code = dtype_code(arr.dtype)
-        arr = np.ascontiguousarray(arr, dtype=_DTYPES[code])
+        arr = np.asarray(arr, dtype=_DTYPES[code])
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape (1,))
+            arr = arr.copy(order="C")
         doc[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)

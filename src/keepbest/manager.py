@@ -51,6 +51,7 @@ class TensorPayload:
 
     tensors: Mapping[str, Mapping[str, np.ndarray]]
     json_files: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Mapping[str, str]] | None = None
     format: str = "tensors"
     layout: str = "dir"
 
@@ -58,7 +59,7 @@ class TensorPayload:
         target.mkdir()
         entries = []
         for fname, tensors in self.tensors.items():
-            size, digest = codec.write_file(target / fname, tensors)
+            size, digest = codec.write_file(target / fname, tensors, (self.metadata or {}).get(fname))
             entries.append(FileEntry(path=fname, size=size, sha256=digest))
         for fname, doc in (self.json_files or {}).items():
             data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")

@@ -20,6 +20,14 @@ from keepbest.errors import MonitorError
 MODES = ("auto", "min", "max")
 
 
+def check_mode(mode: str, owner: str = "ModelCheckpoint") -> None:
+    if mode not in MODES:
+        raise ValueError(
+            f"{owner} mode '{mode}' is unknown. Expected one of 'auto', 'min', 'max'. "
+            f"Received: mode={mode!r}"
+        )
+
+
 def resolve_mode(name: str, mode: str, direction: str | None = None, *, owner: str = "ModelCheckpoint") -> str:
     """Turns ``mode`` into ``"min"`` or ``"max"``.
 
@@ -27,11 +35,7 @@ def resolve_mode(name: str, mode: str, direction: str | None = None, *, owner: s
     ``"down"``, as Keras metrics carry it) when the caller knows it. In
     ``"auto"`` mode a loss is minimised; anything else needs a direction.
     """
-    if mode not in MODES:
-        raise ValueError(
-            f"{owner} mode '{mode}' is unknown. Expected one of 'auto', 'min', 'max'. "
-            f"Received: mode={mode!r}"
-        )
+    check_mode(mode, owner)
     if mode != "auto":
         return mode
     if name.removeprefix("val_") == "loss" or direction == "down":

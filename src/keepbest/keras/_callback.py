@@ -1,0 +1,323 @@
+"""``keepbest.keras.ModelCheckpoint``: Keras's callback, made crash-safe and resumable."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import string
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+
+from keepbest.errors import MonitorError
+from keepbest.keras import _formats
+from keepbest.manager import CheckpointManager
+from keepbest.manifest import Manifest
+from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, batches_advanced, check_mode, epoch_is_due, resolve_mode
+
+try:  # Keras's own printer honours keras.config.disable_interactive_logging()
+    from keras.src.utils.io_utils import print_msg as _print_msg
+except ImportError:  # pragma: no cover - a future Keras moved it
+    def _print_msg(message: str) -> None:
+        print(message, flush=True)
+
+_ARGS = ("filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
+         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta")
+_LEGACY = ("period", "options", "load_weights_on_restart")
+
+
+def _positive_int_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
+    return value
+
+
+class ModelCheckpoint(keras.callbacks.Callback):
+    """Keras's ``ModelCheckpoint`` with atomic saves, a remembered best and retention.
+
+    Same arguments and messages as ``keras.callbacks.ModelCheckpoint``; the
+    differences are listed in the README under "Differences from Keras".
+
+    Args:
+        filepath: where to save. ``.keras``, ``.weights.h5`` and ``.h5`` are
+            written by Keras; any other path is a keepbest checkpoint folder
+            (read it back with ``keepbest.keras.load_weights``/``load_model``).
+            ``{epoch}``, ``{batch}`` and any logs key can be used as in Keras.
+        monitor, verbose, save_best_only, save_weights_only, mode, save_freq,
+            initial_value_threshold: as in Keras.
+        keep_last: keep only the newest N checkpoints of this filepath.
+        keep_best: keep only the best K checkpoints by ``monitor``. Combined
+            with ``keep_last``, a checkpoint is kept if either wants it.
+        min_delta: smallest change of ``monitor`` that counts as improvement.
+
+    Example:
+        >>> checkpoint = ModelCheckpoint("ckpt/epoch{epoch:02d}.keras", monitor="val_loss",
+        ...                              keep_last=2, keep_best=1)
+        >>> model.fit(x, y, validation_split=0.2, epochs=5, callbacks=[checkpoint])  # doctest: +SKIP
+    """
+
+    def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss", verbose: int = 0,
+                 save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
+                 save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
+                 keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        self._epoch_period = self._legacy_kwargs(kwargs)
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
+            raise ValueError(
+                f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are 'epoch' or integer "
+                f"values greater than 0 (a number of batches). Received: save_freq={save_freq!r}"
+            )
+        check_mode(mode)
+        if initial_value_threshold is not None and not np.isfinite(initial_value_threshold):
+            raise ValueError(
+                "`initial_value_threshold` must be a finite number or None. "
+                f"Received: initial_value_threshold={initial_value_threshold!r}"
+            )
+        self.filepath = os.fspath(filepath)
+        _check_template(self.filepath)
+        self.format = _formats.format_for(self.filepath, save_weights_only)
+        self.monitor = monitor
+        self.verbose = verbose
+        self.save_best_only = save_best_only
+        self.save_weights_only = save_weights_only
+        self.mode = mode
+        self.save_freq = save_freq
+        self.best: float | None = initial_value_threshold
+        self.keep_last = _positive_int_or_none("keep_last", keep_last)
+        self.keep_best = _positive_int_or_none("keep_best", keep_best)
+        self.min_delta = abs(float(min_delta))
+        self._keep: tuple[KeepRule, ...] = tuple(
+            r for r in (KeepLast(keep_last) if keep_last else None, KeepBest(keep_best) if keep_best else None) if r
+        )
+        self._monitor: Monitor | None = None
+        self._monitor_checked = False
+        self._recovered: Manifest | None = None
+        self._managers: dict[str, CheckpointManager] = {}
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen: int | None = None
+        self._current_epoch = 0
+        self._warned_batch_val = False
+
+    # -- construction helpers -----------------------------------------------------
+    def _legacy_kwargs(self, kwargs: dict[str, Any]) -> int:
+        for key in kwargs:
+            if key not in _LEGACY:
+                match = difflib.get_close_matches(key, _ARGS + _LEGACY, n=1)
+                hint = f" Did you mean '{match[0]}'?" if match else ""
+                raise TypeError(
+                    f"ModelCheckpoint.__init__() got an unexpected keyword argument '{key}'.{hint} "
+                    f"Valid arguments: {', '.join(_ARGS)}. Received: {key}={kwargs[key]!r}"
+                )
+        if kwargs.get("options") is not None:
+            warnings.warn("ModelCheckpoint: `options` (tf.train.CheckpointOptions/SaveOptions) has no "
+                          "meaning in Keras 3 and is ignored.", UserWarning, stacklevel=3)
+        self._load_on_restart = bool(kwargs.get("load_weights_on_restart", False))
+        period = kwargs.get("period")
+        if period is None:
+            return 1
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"`period` must be a positive integer. Received: period={period!r}")
+        warnings.warn("`period` argument is deprecated. Please use `save_freq` to specify the frequency "
+                      f"in number of batches seen. Saving every {period} epochs.", FutureWarning, stacklevel=3)
+        return period
+
+    # -- Keras hooks --------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = None
+        root = self._static_root()
+        if root is None:
+            return
+        mgr = self._manager(root)
+        history = [c for c in mgr.checkpoints()]
+        recorded = [c for c in history if c.manifest.monitor and c.manifest.monitor.name == self.monitor
+                    and np.isfinite(c.manifest.monitor_value if c.manifest.monitor_value is not None else np.nan)]
+        if recorded:
+            mode = recorded[-1].manifest.monitor.mode  # type: ignore[union-attr]
+            sign = 1 if mode == "min" else -1
+            self._recovered = min(recorded, key=lambda c: sign * c.manifest.monitor_value).manifest  # type: ignore[operator]
+            if self.verbose > 0:
+                m = self._recovered
+                _print_msg(f"ModelCheckpoint: resuming in {root or '.'}: best {self.monitor} so far is "
+                           f"{m.monitor_value:.5f} (epoch {m.epoch}, {m.name}); it is kept until a better "
+                           "one is saved.")
+        if self._load_on_restart and history:
+            from keepbest.keras._loading import load_weights
+
+            load_weights(self.model, history[-1].path)
+            if self.verbose > 0:
+                _print_msg(f"ModelCheckpoint: loaded weights from {history[-1].path} (load_weights_on_restart).")
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self._monitor_checked:
+            self._check_monitor(logs or {})
+        if self.save_freq == "epoch":
+            return
+        self._batches_seen_since_last_saving += batches_advanced(self._last_batch_seen, batch)
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= self.save_freq:  # type: ignore[operator]
+            self._batches_seen_since_last_saving = 0
+            self._save_model(epoch=self._current_epoch, batch=batch, logs=logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self._monitor_checked:
+            self._check_monitor(logs or {})
+        if self.save_freq == "epoch" and epoch_is_due(epoch, self._epoch_period):
+            self._save_model(epoch=epoch, batch=None, logs=logs)
+
+    # -- monitor --------------------------------------------------------------------
+    @property
+    def _monitor_needed(self) -> bool:
+        return self.save_best_only or self.keep_best is not None
+
+    def _check_monitor(self, logs: dict[str, Any]) -> None:
+        """Validates ``monitor`` against what the model logs, once, before any save."""
+        names = set(logs) | {f"val_{k}" for k in logs if not k.startswith("val_")}
+        self._monitor_checked = True
+        if self.monitor not in names:
+            if not self._monitor_needed:
+                return  # as in Keras, monitor is unused then; no best is recorded
+            available = sorted(names)
+            match = difflib.get_close_matches(self.monitor, available, n=1, cutoff=0.5)
+            hint = f" Did you mean '{match[0]}'?" if match else ""
+            raise MonitorError(
+                f"ModelCheckpoint cannot monitor '{self.monitor}': this model never logs it, so "
+                f"no checkpoint could ever be judged best.{hint} Pass one of the available names "
+                f"as `monitor`. Available: {', '.join(available)}. Received: monitor={self.monitor}"
+            )
+        try:
+            mode = resolve_mode(self.monitor, self.mode, self._direction())
+        except MonitorError:
+            if self._monitor_needed:
+                raise
+            return
+        self._monitor = Monitor(self.monitor, mode, self.min_delta)
+        rec = self._recovered
+        if rec is not None and rec.monitor is not None and rec.monitor.mode == mode:
+            self.best = self._monitor.better(self.best, rec.monitor_value)
+        for mgr in self._managers.values():
+            mgr.monitor = self._monitor
+
+    def _direction(self) -> str | None:
+        """The metric's declared direction, found as Keras finds it (``_direction``)."""
+        name = self.monitor.removeprefix("val_")
+        found: list[Any] = []
+        for m in getattr(self.model, "metrics", []):
+            found.extend(getattr(m, "metrics", [m]) if type(m).__name__ in ("CompileMetrics", "MetricsList") else [m])
+        for m in found:
+            if m.name == name and hasattr(m, "_direction"):
+                return str(m._direction)
+        return None
+
+    # -- saving ---------------------------------------------------------------------
+    def _static_root(self) -> str | None:
+        """The folder of ``filepath`` when it holds no placeholder, else None."""
+        dirname = os.path.dirname(self.filepath)
+        return None if any(f for _, f, _, _ in string.Formatter().parse(dirname) if f is not None) else dirname
+
+    def _manager(self, root: str) -> CheckpointManager:
+        if root not in self._managers:
+            self._managers[root] = CheckpointManager(root or ".", monitor=self._monitor, keep=self._keep,
+                                                     series=os.path.basename(self.filepath))
+        return self._managers[root]
+
+    def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
+        try:
+            if batch is None or "batch" in logs:
+                return self.filepath.format(epoch=epoch + 1, **logs)
+            return self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
+        except KeyError as e:
+            raise KeyError(f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}') from None
+
+    def _should_save_model(self, epoch: int, batch: int | None, logs: dict[str, Any], filepath: str) -> bool:
+        if not self.save_best_only:
+            if self.verbose > 0:
+                _print_msg(f"\nEpoch {epoch + 1}: saving model to {filepath}")
+            return True
+        current = logs.get(self.monitor)
+        if current is None:
+            self._report_absent(epoch, batch)
+            return False
+        if np.ndim(current) > 0:
+            raise MonitorError(
+                f"ModelCheckpoint can only compare a scalar `monitor`, but '{self.monitor}' is an "
+                f"array of shape {np.shape(current)}. Monitor a scalar metric. Received: {current}"
+            )
+        assert self._monitor is not None
+        current = float(current)
+        best_str = "None" if self.best is None else f"{self.best:.5f}"
+        if self._monitor.is_improvement(current, self.best):
+            if self.verbose > 0:
+                _print_msg(f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
+                           f"{current:.5f}, saving model to {filepath}")
+            self.best = current
+            return True
+        if self.verbose > 0:
+            _print_msg(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
+        return False
+
+    def _report_absent(self, epoch: int, batch: int | None) -> None:
+        if batch is not None and self.monitor.startswith("val_") and not self._warned_batch_val:
+            self._warned_batch_val = True
+            warnings.warn(
+                f"ModelCheckpoint: '{self.monitor}' is only computed at the end of an epoch, so the "
+                f"batch saves (save_freq={self.save_freq}) with save_best_only=True are skipped. "
+                "Monitor a training metric, or use save_freq='epoch'.", UserWarning, stacklevel=3)
+        if self.verbose > 0:
+            _print_msg(f"\nEpoch {epoch + 1}: {self.monitor} is not available, skipping: the best "
+                       "checkpoint is kept")
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
+        logs = logs or {}
+        filepath = self._get_file_path(epoch, batch, logs)
+        if not self._should_save_model(epoch, batch, logs, filepath):
+            return
+        root, name = os.path.split(filepath)
+        mgr = self._manager(root)
+        mgr.monitor = self._monitor
+        try:
+            mgr.save(
+                self._step(), _formats.payload_for(self.model, self.format), name=name,
+                metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
+                epoch=epoch + 1, batch=None if batch is None else batch + 1,
+                versions=_formats.keras_versions(),
+                extra={"save_weights_only": self.save_weights_only, "filepath_template": self.filepath},
+            )
+        except IsADirectoryError:
+            raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
+                          f"is an existing directory: {filepath}") from None
+        if self.verbose > 0:
+            _print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
+
+    def _step(self) -> int | None:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_template(filepath: str) -> None:
+    try:
+        list(string.Formatter().parse(filepath))
+    except ValueError as e:
+        raise ValueError(
+            f"The filepath of ModelCheckpoint is not a valid format template ({e}). Use "
+            "`{epoch:02d}`-style placeholders, and `{{`/`}}` for literal braces. "
+            f"Received: filepath={filepath}"
+        ) from None

@@ -1,0 +1,112 @@
+"""Which format a path means, and how each format writes itself into a staged path.
+
+- ``*.keras``: Keras's zip (``model.save``), full model only.
+- ``*.weights.h5``: Keras's weights file (``model.save_weights``).
+- ``*.h5`` / ``*.hdf5``: Keras's legacy HDF5: the full model, or with
+  ``save_weights_only=True`` the legacy weights layout that
+  ``model.load_weights`` reads (as tf.keras 2.x wrote it).
+- anything else: a keepbest checkpoint folder (safetensors weights and
+  optimizer state, the model config as JSON, the manifest).
+
+Every format is written by its normal writer into a temporary sibling and
+committed by the store, so the previous file survives any failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from keepbest.keras import _state
+from keepbest.manager import TensorPayload
+from keepbest.manifest import FileEntry
+
+KERAS = "keras"
+WEIGHTS_H5 = "weights.h5"
+LEGACY_H5 = "h5"
+LEGACY_WEIGHTS_H5 = "h5-weights"
+KEEPBEST = "keepbest-keras"
+KEEPBEST_WEIGHTS = "keepbest-keras-weights"
+
+
+def format_for(filepath: str, save_weights_only: bool) -> str:
+    """The format ``filepath`` asks for; raises where Keras's rules forbid the pair."""
+    if filepath.endswith(".weights.h5"):
+        if not save_weights_only:
+            raise ValueError(
+                "A `.weights.h5` file holds weights only, so it cannot store the whole model. "
+                "Pass `save_weights_only=True`, or end the filepath in `.keras` (Keras model "
+                f"format) or `.h5` (legacy HDF5). Received: filepath={filepath}"
+            )
+        return WEIGHTS_H5
+    if filepath.endswith(".keras"):
+        if save_weights_only:
+            raise ValueError(
+                "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
+                "must end in `.weights.h5` (Keras weights format). Received: "
+                f"filepath={filepath}"
+            )
+        return KERAS
+    if filepath.endswith((".h5", ".hdf5")):
+        return LEGACY_WEIGHTS_H5 if save_weights_only else LEGACY_H5
+    return KEEPBEST_WEIGHTS if save_weights_only else KEEPBEST
+
+
+def is_keras_file(fmt: str) -> bool:
+    return fmt in (KERAS, WEIGHTS_H5, LEGACY_H5, LEGACY_WEIGHTS_H5)
+
+
+@dataclass(frozen=True)
+class KerasFilePayload:
+    """One file written by Keras's own saving code."""
+
+    model: keras.Model
+    format: str
+    layout: str = "file"
+
+    def write(self, target: Path) -> tuple[FileEntry, ...]:
+        if self.format == KERAS or self.format == LEGACY_H5:
+            self.model.save(target, overwrite=True)
+        elif self.format == WEIGHTS_H5:
+            self.model.save_weights(target, overwrite=True)
+        else:
+            _write_legacy_weights(self.model, target)
+        return ()  # the store hashes what Keras wrote
+
+
+def _write_legacy_weights(model: keras.Model, target: Path) -> None:
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(target, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+def keepbest_payload(model: keras.Model, weights_only: bool) -> TensorPayload:
+    """A keepbest checkpoint folder: tensors, plus the config for ``load_model``."""
+    files = _state.model_tensors(model)
+    metadata = {_state.WEIGHTS_FILE: _state.order_metadata(model.weights)}
+    if _state.OPTIMIZER_FILE in files:
+        metadata[_state.OPTIMIZER_FILE] = _state.order_metadata(model.optimizer.variables)
+    config = None if weights_only else {_state.CONFIG_FILE: _state.model_config(model)}
+    return TensorPayload(files, json_files=config, metadata=metadata,
+                         format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST)
+
+
+def payload_for(model: keras.Model, fmt: str) -> KerasFilePayload | TensorPayload:
+    if is_keras_file(fmt):
+        return KerasFilePayload(model, fmt)
+    return keepbest_payload(model, weights_only=fmt == KEEPBEST_WEIGHTS)
+
+
+def keras_versions() -> dict[str, str]:
+    backend = keras.backend.backend()
+    versions = {"keras": keras.__version__, "keras_backend": backend}
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    if module:
+        import importlib
+
+        versions[backend] = getattr(importlib.import_module(module), "__version__", "unknown")
+    return versions

@@ -1,0 +1,88 @@
+"""Reading checkpoints back into Keras: ``load_weights`` and ``load_model``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from keepbest.errors import CheckpointNotFoundError
+from keepbest.keras import _formats, _state
+from keepbest.manager import Checkpoint, find_checkpoints
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[Path, Checkpoint | None]:
+    """The checkpoint that ``path`` names, verified against its manifest.
+
+    ``path`` may be a Keras file (verified when keepbest wrote it), a keepbest
+    checkpoint folder, or a folder of checkpoints (its best one, else its
+    newest one). Returns the path to read and the checkpoint (None for a
+    Keras file that keepbest did not write).
+    """
+    p = Path(os.fspath(path))
+    store, ckpts = find_checkpoints(p)
+    if p.is_file():
+        ckpt = ckpts[0] if ckpts else None
+    elif p.is_dir() and ckpts:
+        best = [c for c in ckpts if c.is_best]
+        if len({c.manifest.series for c in best}) > 1:
+            raise CheckpointNotFoundError(
+                f"Folder {p} holds the best checkpoints of several writers, so which one to load "
+                "is ambiguous. Pass the path of one checkpoint. Available: "
+                + ", ".join(str(c.path) for c in best) + "."
+            )
+        ckpt = best[-1] if best else ckpts[-1]
+    else:
+        what = "is an empty folder or holds no committed checkpoint" if p.is_dir() else "does not exist"
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {p}: the path {what}. Check the path; a save that was "
+            f"interrupted leaves nothing visible. Received: path={p}"
+        )
+    if ckpt is not None:
+        store.verify(ckpt.manifest)
+        return ckpt.path, ckpt
+    return p, None
+
+
+def load_weights(model: keras.Model, path: str | os.PathLike[str]) -> None:
+    """Restores weights (and optimizer state, if the model has an optimizer) in place.
+
+    Example:
+        >>> keepbest.keras.load_weights(model, "/tmp/checkpoint")  # doctest: +SKIP
+    """
+    target, ckpt = resolve(path)
+    if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
+        model.load_weights(target)
+        return
+    _state.restore_model(model, target, {f.path for f in ckpt.manifest.files})
+
+
+def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | None = None,
+               compile: bool = True, safe_mode: bool = True) -> keras.Model:
+    """Rebuilds a model from a checkpoint saved with ``save_weights_only=False``.
+
+    Keras's safe mode applies: a config never makes Keras run arbitrary code.
+
+    Example:
+        >>> model = keepbest.keras.load_model("/tmp/checkpoint")  # doctest: +SKIP
+    """
+    target, ckpt = resolve(path)
+    if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
+        return keras.models.load_model(target, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    files = {f.path for f in ckpt.manifest.files}
+    if _state.CONFIG_FILE not in files:
+        raise ValueError(
+            f"Cannot rebuild a model from {target}: it was saved with save_weights_only=True, so it "
+            "holds weights but no model config. Build the model in code and call "
+            f"keepbest.keras.load_weights(model, path). Received: files={sorted(files)}"
+        )
+    config = json.loads((target / _state.CONFIG_FILE).read_text())
+    if not compile:
+        config.pop("compile_config", None)
+    with keras.saving.custom_object_scope(custom_objects or {}):
+        model = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
+    _state.restore_model(model, target, files)
+    return model

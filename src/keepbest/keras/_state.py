@@ -1,0 +1,154 @@
+"""A Keras model's state as flat tensors, and back.
+
+Tensors are keyed by Keras variable path (``simple_model/dense/kernel``,
+``adam/iteration``) and the file records the variables' order. Restoring
+matches by path when the paths agree, else by position (Keras paths change
+with name scopes and automatic ``_N`` suffixes, positions do not for one
+architecture), after checking every shape and dtype. Anything else raises
+:class:`StateMismatchError` listing the variables, like PyTorch's
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from keepbest import codec
+from keepbest.errors import StateMismatchError
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CONFIG_FILE = "model.json"
+ORDER_KEY = "keepbest.order"
+
+_SUFFIX = re.compile(r"_\d+(?=_|/|$)")
+
+
+def unique_paths(variables: Sequence[Any]) -> list[str]:
+    """Variable paths, made unique with ``#n`` where Keras repeats one."""
+    seen: dict[str, int] = {}
+    out = []
+    for v in variables:
+        path = v.path
+        n = seen.get(path, 0)
+        seen[path] = n + 1
+        out.append(path if n == 0 else f"{path}#{n}")
+    return out
+
+
+def to_numpy(variables: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Host copies of ``variables`` keyed by unique path (order kept)."""
+    return {p: np.asarray(keras.ops.convert_to_numpy(v.value)) for p, v in zip(unique_paths(variables), variables)}
+
+
+def model_tensors(model: keras.Model) -> dict[str, dict[str, np.ndarray]]:
+    """The files of a keepbest Keras checkpoint: weights, and optimizer state when built."""
+    files = {WEIGHTS_FILE: to_numpy(model.weights)}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built and optimizer.variables:
+        files[OPTIMIZER_FILE] = to_numpy(optimizer.variables)
+    return files
+
+
+def order_metadata(variables: Sequence[Any]) -> dict[str, str]:
+    return {ORDER_KEY: json.dumps(unique_paths(variables))}
+
+
+def _leaf(path: str) -> str:
+    """A path's layer/variable part without Keras's automatic ``_N`` suffixes.
+
+    Keras paths depend on the name scope a variable was created in (a model
+    rebuilt from its config has ``dense/kernel`` where the original had
+    ``sequential/dense_3/kernel``), so only this part is compared.
+    """
+    return "/".join(_SUFFIX.sub("", part) for part in path.split("#")[0].split("/")[-2:])
+
+
+def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
+    """Assigns the tensors of ``file`` to ``variables``; all-or-nothing.
+
+    Matches by path when the saved and current paths are the same set, else
+    by position; either way every shape and dtype is checked before any
+    variable is assigned.
+    """
+    tensors = codec.read_file(file)
+    _, meta, _ = codec.read_header(file)
+    try:
+        saved_order = [p for p in json.loads(meta.get(ORDER_KEY, "[]")) if p in tensors]
+    except ValueError:
+        saved_order = []
+    if len(saved_order) != len(tensors):
+        saved_order = sorted(tensors)
+    targets = unique_paths(variables)
+    if set(targets) == set(tensors):
+        pairs = [(p, tensors[p], v) for p, v in zip(targets, variables)]
+    elif len(saved_order) == len(targets):
+        pairs = [(p, tensors[p], v) for p, v in zip(saved_order, variables)]
+    else:
+        want, have = Counter(_leaf(p) for p in targets), Counter(_leaf(p) for p in saved_order)
+        missing = [p for p in targets if _take(want - have, _leaf(p))]
+        unexpected = [p for p in saved_order if _take(have - want, _leaf(p))]
+        raise StateMismatchError(
+            f"Error(s) in loading {what} from {file}: the checkpoint has {len(tensors)} variables, "
+            f"the model {len(targets)}. Missing key(s) in checkpoint: {_names(missing)}. "
+            f"Unexpected key(s) in checkpoint: {_names(unexpected)}. "
+            "Build the same architecture as the one that was saved. "
+            f"Received: {len(tensors)} saved tensors for {len(targets)} variables"
+        )
+    wrong = [
+        f"{p}: checkpoint {tuple(arr.shape)} {arr.dtype}, model {tuple(v.shape)} {v.dtype}"
+        for p, arr, v in pairs
+        if tuple(arr.shape) != tuple(v.shape) or np.dtype(arr.dtype) != np.dtype(keras.backend.standardize_dtype(v.dtype))
+    ]
+    if wrong:
+        raise StateMismatchError(
+            f"Error(s) in loading {what} from {file}: size or dtype mismatch for "
+            f"{len(wrong)} variable(s): {'; '.join(wrong[:20])}. Build the model with the saved "
+            "shapes and dtypes. Received: the mismatches above"
+        )
+    for _p, arr, v in pairs:
+        v.assign(arr)
+
+
+def _take(counts: Counter[str], key: str) -> bool:
+    """Consumes one ``key`` from ``counts``; True if there was one."""
+    if counts[key] > 0:
+        counts[key] -= 1
+        return True
+    return False
+
+
+def _names(paths: Sequence[str]) -> str:
+    if not paths:
+        return "none"
+    shown = ", ".join(f'"{p}"' for p in paths[:20])
+    return shown + (f" and {len(paths) - 20} more" if len(paths) > 20 else "")
+
+
+def restore_model(model: keras.Model, checkpoint_dir: Path, files: set[str]) -> None:
+    """Fills ``model`` (weights, and optimizer state when it has an optimizer)."""
+    if not model.built:
+        raise ValueError(
+            f"Cannot load weights from {checkpoint_dir} into an unbuilt model: it has no variables yet. "
+            "Call the model on a batch or `model.build(input_shape)` first, or use "
+            "keepbest.keras.load_model(path). Received: model.built=False"
+        )
+    restore_variables(model.weights, checkpoint_dir / WEIGHTS_FILE, "model weights")
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and OPTIMIZER_FILE in files:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        restore_variables(optimizer.variables, checkpoint_dir / OPTIMIZER_FILE, "optimizer state")
+
+
+def model_config(model: keras.Model) -> dict[str, Any]:
+    config: dict[str, Any] = keras.saving.serialize_keras_object(model)
+    json.dumps(config)  # fail now, with the model at hand, if something is not JSON-able
+    return config
