@@ -89,6 +89,10 @@ class Checkpoint:
         return self.manifest.epoch
 
     @property
+    def batch(self) -> int | None:
+        return self.manifest.batch
+
+    @property
     def metrics(self) -> Mapping[str, float]:
         return self.manifest.metrics
 

@@ -55,9 +55,47 @@ def load_weights(model: keras.Model, path: str | os.PathLike[str]) -> None:
     """
     target, ckpt = resolve(path)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
+        _build_optimizer_if_saved(model, target)
         model.load_weights(target)
         return
     _state.restore_model(model, target, {f.path for f in ckpt.manifest.files})
+
+
+def _saved_optimizer_slots(path: Path) -> int:
+    """How many optimizer variables a Keras 3 ``.weights.h5`` / ``.keras`` file holds."""
+    import io
+    import zipfile
+
+    import h5py
+
+    def count(f: Any) -> int:
+        group = f.get("optimizer/vars")
+        return len(group) if group is not None else 0
+
+    name = path.name
+    if name.endswith(".weights.h5"):
+        with h5py.File(path, "r") as f:
+            return count(f)
+    if name.endswith(".keras") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "model.weights.h5" in z.namelist():
+                with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+                    return count(f)
+    return 0
+
+
+def _build_optimizer_if_saved(model: keras.Model, path: Path) -> None:
+    """Builds a compiled model's optimizer when the file carries optimizer slots.
+
+    Keras refuses to load a file with Adam's slots into a freshly compiled
+    model whose optimizer has not built them yet ("Skipping variable loading
+    for optimizer ... it has 2 variables whereas the saved optimizer has 10").
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built or not model.built:
+        return
+    if _saved_optimizer_slots(path) > len(optimizer.variables):
+        optimizer.build(model.trainable_variables)
 
 
 def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | None = None,

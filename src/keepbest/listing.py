@@ -1,0 +1,76 @@
+"""What is on disk, as a table or as JSON (``keepbest ls`` and the demo)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from keepbest.manager import Checkpoint
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"  # pragma: no cover - the loop always returns
+
+
+def _metric_order(name: str) -> tuple[int, int, str]:
+    base = name.removeprefix("val_")
+    return (name.startswith("val_"), base != "loss", base)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(checkpoints: Sequence[Checkpoint]) -> str:
+    """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best."""
+    if not checkpoints:
+        return "(no committed checkpoints)"
+    metrics = sorted({k for c in checkpoints for k in c.metrics}, key=_metric_order)
+    header = ["name", "epoch", "batch", "step", *metrics, "best", "size", "saved"]
+    rows = [header]
+    for c in checkpoints:
+        m = c.manifest
+        rows.append([
+            c.name,
+            "-" if m.epoch is None else str(m.epoch),
+            "-" if m.batch is None else str(m.batch),
+            "-" if m.step is None else str(m.step),
+            *(_cell(c.metrics.get(k)) for k in metrics),
+            f"* {m.monitor.name}" if c.is_best and m.monitor else "",
+            human_size(c.size),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    numeric = set(range(1, 4 + len(metrics)))
+    lines = []
+    for r in rows:
+        cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
+    out = []
+    for c in checkpoints:
+        m = c.manifest
+        out.append({
+            "name": c.name,
+            "path": str(c.path),
+            "series": m.series,
+            "format": m.format,
+            "epoch": m.epoch,
+            "batch": m.batch,
+            "step": m.step,
+            "metrics": {k: (v if v == v and abs(v) != float("inf") else str(v)) for k, v in m.metrics.items()},
+            "monitor": None if m.monitor is None else {"name": m.monitor.name, "mode": m.monitor.mode},
+            "best": c.is_best,
+            "size": c.size,
+            "created": m.created,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
+        })
+    return out
