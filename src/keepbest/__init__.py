@@ -15,7 +15,7 @@ from keepbest.errors import (  # noqa: E402
     StateMismatchError,
     StorageError,
 )
-from keepbest.manager import Checkpoint, CheckpointManager, TensorPayload  # noqa: E402
+from keepbest.manager import Checkpoint, CheckpointManager, TensorPayload, list_checkpoints  # noqa: E402
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord  # noqa: E402
 from keepbest.policy import KeepBest, KeepLast, Monitor  # noqa: E402
 from keepbest.storage import LocalStore  # noqa: E402
@@ -39,4 +39,5 @@ __all__ = [
     "StorageError",
     "TensorPayload",
     "__version__",
+    "list_checkpoints",
 ]

@@ -129,6 +129,14 @@ def find_checkpoints(path: str | os.PathLike[str]) -> tuple[LocalStore, list[Che
     return store, mark_best(store.list().manifests, p)
 
 
+def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
+    """The committed checkpoints at ``path`` (a folder of checkpoints, one checkpoint, or a Keras file).
+
+    Oldest first; in each series the best by its recorded monitor has ``is_best``.
+    """
+    return find_checkpoints(path)[1]
+
+
 def environment_versions() -> dict[str, str]:
     return {"keepbest": __version__, "python": platform.python_version(), "numpy": np.__version__}
 

@@ -1,0 +1,91 @@
+"""The ``keepbest`` command, run as users run it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keepbest import CheckpointManager, KeepBest, KeepLast, Monitor
+
+
+def keepbest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "keepbest.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"), keep=[KeepLast(2), KeepBest(1)])
+    for epoch, loss in enumerate([3.0, 1.0, 2.0, 4.0, 5.0], start=1):
+        mgr.save(epoch * 10, {"w": np.full(4, epoch, np.float32)}, metrics={"loss": loss + 1, "val_loss": loss},
+                 epoch=epoch)
+    return tmp_path
+
+
+def test_ls_prints_one_row_per_checkpoint_with_the_best_marked(run_dir):
+    result = keepbest("ls", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split()[:6] == ["name", "epoch", "batch", "step", "loss", "val_loss"]
+    assert [r.split()[1] for r in rows] == ["2", "4", "5"]
+    assert [("* val_loss" in r) for r in rows] == [True, False, False]
+    assert "1.0000" in rows[0] and "B" in rows[0]
+
+
+def test_ls_json_carries_metrics_best_and_files(run_dir):
+    result = keepbest("ls", "--json", str(run_dir))
+    doc = json.loads(result.stdout)
+    assert [(d["epoch"], d["best"], d["metrics"]["val_loss"]) for d in doc] == [(2, True, 1.0), (4, False, 4.0),
+                                                                               (5, False, 5.0)]
+    assert doc[0]["files"][0]["path"] == "state.safetensors" and len(doc[0]["files"][0]["sha256"]) == 64
+
+
+def test_ls_of_a_single_checkpoint_folder_lists_only_it(run_dir):
+    result = keepbest("ls", "--json", str(run_dir / "step-000000040"))
+    assert [d["epoch"] for d in json.loads(result.stdout)] == [4]
+
+
+def test_verify_passes_on_intact_checkpoints(run_dir):
+    result = keepbest("verify", str(run_dir))
+    assert result.returncode == 0
+    assert "3 of 3 checkpoint(s) verified" in result.stdout
+
+
+def test_verify_exits_1_and_names_the_file_on_a_flipped_bit(run_dir):
+    victim = run_dir / "step-000000040" / "state.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x80
+    victim.write_bytes(bytes(data))
+    result = keepbest("verify", str(run_dir))
+    assert result.returncode == 1
+    assert f"CORRUPT step-000000040: Checkpoint step-000000040 is corrupt: file {victim}" in result.stdout
+
+
+def test_verify_exits_1_on_an_unreadable_manifest(run_dir):
+    (run_dir / "step-000000050" / "manifest.json").write_text("{not json")
+    result = keepbest("verify", str(run_dir))
+    assert result.returncode == 1
+    assert "step-000000050" in result.stdout and "not valid JSON" in result.stdout
+
+
+def test_gc_removes_leftovers_of_a_dead_writer(run_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = run_dir / f".keepbest-tmp-{dead.pid}-0badf00d-step-000000060"
+    leftover.mkdir()
+    (leftover / "state.safetensors").write_bytes(b"half")
+    assert f"would remove {leftover}" in keepbest("gc", "--dry-run", str(run_dir)).stdout
+    assert leftover.exists()
+    result = keepbest("gc", str(run_dir))
+    assert result.returncode == 0 and f"removed {leftover}" in result.stdout
+    assert not leftover.exists()
+    assert keepbest("verify", str(run_dir)).returncode == 0
+
+
+def test_cli_imports_no_framework():
+    code = "import sys, keepbest.cli; print(sorted(m for m in ('keras', 'jax', 'torch', 'tensorflow') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]"
