@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -14,7 +15,17 @@ from keepbest.manager import find_checkpoints
 from keepbest.storage import LocalStore
 
 
+def _missing(path: str) -> bool:
+    if os.path.exists(path):
+        return False
+    print(f"keepbest: {path} does not exist. Pass a folder of checkpoints, a checkpoint folder or a "
+          f"Keras file. Received: {path}", file=sys.stderr)
+    return True
+
+
 def _ls(args: argparse.Namespace) -> int:
+    if _missing(args.dir):
+        return 2
     store, ckpts = find_checkpoints(args.dir)
     listing = store.list()
     if args.json:
@@ -27,6 +38,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if _missing(args.dir):
+        return 2
     store, ckpts = find_checkpoints(args.dir)
     bad = 0
     for c in ckpts:

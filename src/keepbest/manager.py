@@ -27,9 +27,9 @@ import numpy as np
 
 from keepbest import __version__, codec
 from keepbest.errors import CheckpointNotFoundError
-from keepbest.manifest import FileEntry, Manifest, MonitorRecord
+from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
 from keepbest.policy import Candidate, KeepRule, Monitor, best_candidate, retained
-from keepbest.storage import MANIFEST_NAME, LocalStore
+from keepbest.storage import INDEX_DIR, MANIFEST_NAME, LocalStore
 
 STATE_FILE = "state.safetensors"
 
@@ -246,6 +246,12 @@ class CheckpointManager:
         """
         payload: Payload = TensorPayload({STATE_FILE: state}) if isinstance(state, Mapping) else state
         name = name or f"step-{step:09d}"
+        if not is_safe_relative_path(name) or "/" in name or name.startswith((".keepbest", INDEX_DIR)):
+            raise ValueError(
+                f"Checkpoint name {name!r} is not a plain file or folder name, or is reserved by keepbest "
+                "(names starting with '.keepbest'). Pass a name without '/' or '..'. "
+                f"Received: name={name!r}"
+            )
         staged = self.store.stage(name)
         try:
             entries = payload.write(staged)

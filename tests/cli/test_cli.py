@@ -89,3 +89,10 @@ def test_cli_imports_no_framework():
     code = "import sys, keepbest.cli; print(sorted(m for m in ('keras', 'jax', 'torch', 'tensorflow') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_missing_folder_is_an_error_not_an_empty_listing(tmp_path, command):
+    result = keepbest(command, str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr

@@ -118,3 +118,14 @@ def test_exception_inside_keras_save_keeps_the_previous_best(tmp_path, model):
     restored = keras.models.load_model(path, compile=False)  # never trained: no optimizer state
     assert all(np.array_equal(a, b) for a, b in zip(weights_of(restored), good))
     LocalStore(tmp_path).verify(find_checkpoints(path)[1][0].manifest)
+
+
+def test_load_weights_on_restart_restores_the_newest_checkpoint(tmp_path, model):
+    drive(ModelCheckpoint(str(tmp_path / "e{epoch}.keras")), model, [{"loss": 1.0}] * 2)
+    saved = weights_of(model)
+    fresh = make_model(hidden=16)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights_of(fresh), saved))
+    cb = ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), load_weights_on_restart=True)
+    cb.set_model(fresh)
+    cb.on_train_begin()
+    assert all(np.array_equal(a, b) for a, b in zip(weights_of(fresh), saved))
