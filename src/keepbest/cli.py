@@ -71,8 +71,8 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"rolled back interrupted commit of {name} (the previous version is kept)")
     for name in report.restored:
         print(f"restored {name} (a replacement was interrupted)")
-    for p in report.removed:
-        print(f"removed {p}")
+    for removed in report.removed:
+        print(f"removed {removed}")
     if not (report.rolled_forward or report.rolled_back or report.restored or report.removed):
         print("nothing to clean")
     return 0

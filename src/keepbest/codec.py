@@ -97,7 +97,7 @@ def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
     with open(path, "wb") as f:
         f.write(head)
         for arr in arrays:
-            view = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            view = arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
             h.update(view)
             f.write(view)
             size += view.nbytes

@@ -37,8 +37,15 @@ STATE_FILE = "state.safetensors"
 class Payload(Protocol):
     """Something that writes one checkpoint's bytes into a staged path."""
 
-    layout: str  # "file": ``write`` creates the file ``target``; "dir": files inside folder ``target``
-    format: str
+    @property
+    def layout(self) -> str:
+        """"file": ``write`` creates the file ``target``; "dir": it fills the new folder ``target``."""
+        ...
+
+    @property
+    def format(self) -> str:
+        """What wrote the payload, recorded in the manifest (e.g. "keras", "tensors")."""
+        ...
 
     def write(self, target: Path) -> tuple[FileEntry, ...]:
         """Writes the payload; returns file entries when it hashed while writing, else ()."""
@@ -233,7 +240,7 @@ class CheckpointManager:
         return codec.read_file(ckpt.path / STATE_FILE)
 
     # -- writing ----------------------------------------------------------------
-    def save(self, step: int, state: Mapping[str, np.ndarray] | Payload, *,
+    def save(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *,
              metrics: Mapping[str, float] | None = None, epoch: int | None = None,
              batch: int | None = None, name: str | None = None,
              extra: Mapping[str, Any] | None = None,
@@ -245,6 +252,9 @@ class CheckpointManager:
         same ``name`` is replaced only once the new one is complete.
         """
         payload: Payload = TensorPayload({STATE_FILE: state}) if isinstance(state, Mapping) else state
+        if name is None and step is None:
+            raise ValueError("CheckpointManager.save needs a step or a name to name the checkpoint. "
+                             "Received: step=None, name=None")
         name = name or f"step-{step:09d}"
         if not is_safe_relative_path(name) or "/" in name or name.startswith((".keepbest", INDEX_DIR)):
             raise ValueError(

@@ -92,7 +92,7 @@ class Monitor:
 
     def better(self, a: float | None, b: float | None) -> float | None:
         """The better of two values, ignoring None and non-finite ones."""
-        finite = [v for v in (a, b) if is_finite_number(v)]
+        finite = [float(v) for v in (a, b) if v is not None and is_finite_number(v)]
         if not finite:
             return None
         return min(finite) if self.mode == "min" else max(finite)

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from dataclasses import dataclass, field, replace
@@ -263,9 +264,9 @@ class LocalStore:
                 )
 
     # -- crash recovery ----------------------------------------------------------
-    def orphans(self) -> list[Path]:
+    def orphans(self) -> builtins.list[Path]:
         """Leftovers of dead writers: temp entries, swapped-out and half-deleted data."""
-        found: list[Path] = []
+        found: builtins.list[Path] = []
         if self.root.is_dir():
             for p in self.root.iterdir():
                 for prefix in (TMP_PREFIX, OLD_PREFIX, TRASH_PREFIX):
