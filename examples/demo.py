@@ -3,8 +3,11 @@
 The tutorial's subclassed model (Conv2D, Flatten, Dense, Dense) is trained on
 scikit-learn's bundled 8x8 digits (MNIST needs a download) with
 ``validation_split=0.2``. keepbest's ``ModelCheckpoint`` keeps the best
-checkpoint by ``val_loss`` and the last two; the demo then prints what is on
-disk and reloads the best model to report its validation accuracy.
+checkpoint by ``val_loss`` and the last two. The job is then restarted from
+scratch on the same folder (a fresh model): keepbest resumes from the
+recorded best, so the restart's worse epochs never replace it, and retention
+keeps the best plus the restart's last two. The demo prints what is on disk
+and reloads the best model to report its validation accuracy.
 
     python3 scripts/dev.py demo            # from the repository root
     python examples/demo.py [--epochs N] [--dir PATH] [--resume]
@@ -60,17 +63,21 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order], y[order]
 
-    model = SimpleModel()
-    model.compile(optimizer="adam",
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    def train(epochs: int) -> None:
+        model = SimpleModel()
+        model.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        checkpoint = keepbest.keras.ModelCheckpoint(
+            filepath=os.path.join(args.dir, "epoch{epoch:02d}.keras"),
+            save_best_only=False, monitor="val_loss", mode="min", verbose=1,
+            keep_last=2, keep_best=1,
+        )
+        model.fit(x, y, epochs=epochs, batch_size=32, validation_split=0.2, callbacks=[checkpoint], verbose=2)
 
-    checkpoint = keepbest.keras.ModelCheckpoint(
-        filepath=os.path.join(args.dir, "epoch{epoch:02d}.keras"),
-        save_best_only=False, monitor="val_loss", mode="min", verbose=1,
-        keep_last=2, keep_best=1,
-    )
-    model.fit(x, y, epochs=args.epochs, batch_size=32, validation_split=0.2, callbacks=[checkpoint], verbose=2)
+    train(args.epochs)
+    print("\n--- The job restarts from scratch (a fresh model, the same folder): the recorded best is kept ---")
+    train(2)
 
     _store, ckpts = find_checkpoints(args.dir)
     print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`):\n")
