@@ -199,6 +199,18 @@ class CheckpointManager:
         found = best_candidate([Candidate(m.name, m.created, self._value(m)) for m in manifests], self.monitor.mode)
         return next((m for m in manifests if found and m.name == found.key), None)
 
+    def recorded_best(self, metric: str) -> Checkpoint | None:
+        """This series' best checkpoint by ``metric``, in the mode its manifests recorded.
+
+        Used on restart, before the caller has resolved an ``"auto"`` mode.
+        """
+        mine = [c for c in self.checkpoints() if c.manifest.monitor and c.manifest.monitor.name == metric]
+        if not mine:
+            return None
+        mode = mine[-1].manifest.monitor.mode  # type: ignore[union-attr]
+        found = best_candidate([Candidate(c.name, c.manifest.created, c.manifest.monitor_value) for c in mine], mode)
+        return next((c for c in mine if found is not None and c.name == found.key), None)
+
     @property
     def latest(self) -> Checkpoint | None:
         ckpts = self.checkpoints()

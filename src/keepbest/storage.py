@@ -190,8 +190,12 @@ class LocalStore:
             return
         old = self.root / f"{OLD_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{manifest.name}"
         os.rename(target, old)
-        self._reached("old_moved_aside")
-        os.rename(staged, target)
+        try:
+            self._reached("old_moved_aside")
+            os.rename(staged, target)
+        except BaseException:  # the process lives on: put the previous checkpoint back now
+            os.rename(old, target)
+            raise
         _fs.fsync_dir(self.root)
         self._reached("data_published")
         _remove(old)

@@ -13,6 +13,7 @@ import numpy as np
 
 from keepbest.errors import MonitorError
 from keepbest.keras import _formats
+from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
 from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, batches_advanced, check_mode, epoch_is_due, resolve_mode
@@ -134,24 +135,18 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if root is None:
             return
         mgr = self._manager(root)
-        history = [c for c in mgr.checkpoints()]
-        recorded = [c for c in history if c.manifest.monitor and c.manifest.monitor.name == self.monitor
-                    and np.isfinite(c.manifest.monitor_value if c.manifest.monitor_value is not None else np.nan)]
-        if recorded:
-            mode = recorded[-1].manifest.monitor.mode  # type: ignore[union-attr]
-            sign = 1 if mode == "min" else -1
-            self._recovered = min(recorded, key=lambda c: sign * c.manifest.monitor_value).manifest  # type: ignore[operator]
+        best = mgr.recorded_best(self.monitor)
+        if best is not None:
+            self._recovered = m = best.manifest
             if self.verbose > 0:
-                m = self._recovered
                 _print_msg(f"ModelCheckpoint: resuming in {root or '.'}: best {self.monitor} so far is "
                            f"{m.monitor_value:.5f} (epoch {m.epoch}, {m.name}); it is kept until a better "
                            "one is saved.")
-        if self._load_on_restart and history:
-            from keepbest.keras._loading import load_weights
-
-            load_weights(self.model, history[-1].path)
+        latest = mgr.latest
+        if self._load_on_restart and latest is not None:
+            load_weights(self.model, latest.path)
             if self.verbose > 0:
-                _print_msg(f"ModelCheckpoint: loaded weights from {history[-1].path} (load_weights_on_restart).")
+                _print_msg(f"ModelCheckpoint: loaded weights from {latest.path} (load_weights_on_restart).")
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
