@@ -118,7 +118,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
         raw = f.read(length)
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: math.nan)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _corrupt(path, f"the header is not valid JSON ({e})", f"header={raw[:80]!r}") from None
     if not isinstance(doc, dict):
         raise _corrupt(path, "the header is not a JSON object", f"header={raw[:80]!r}")
@@ -146,7 +146,7 @@ def _check_entry(path: str | os.PathLike[str], name: str, info: Any, data_len: i
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(path, f"tensor '{name}' needs exactly dtype, shape and data_offsets", f"{name}={info!r:.120}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise _corrupt(path, f"tensor '{name}' has an unknown dtype", f"dtype={dtype!r}")
     ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets]) \
         if isinstance(shape, list) and isinstance(offsets, list) else False

@@ -26,9 +26,9 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from keepbest import __version__, codec
-from keepbest.errors import CheckpointNotFoundError
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
-from keepbest.policy import Candidate, KeepRule, Monitor, best_candidate, retained
+from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, best_candidate, retained
 from keepbest.storage import INDEX_DIR, MANIFEST_NAME, LocalStore
 
 STATE_FILE = "state.safetensors"
@@ -144,6 +144,16 @@ def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
     return find_checkpoints(path)[1]
 
 
+def _check_readable(manifest: Manifest) -> None:
+    """Refuses, before anything is written, a manifest that readers would reject."""
+    try:
+        Manifest.from_json(manifest.to_json(), source=f"the manifest of {manifest.name}")
+    except (CorruptCheckpointError, TypeError, ValueError) as e:
+        raise ValueError(f"Cannot save checkpoint {manifest.name}: {e}".replace(
+            "The checkpoint cannot be trusted; delete it or run `keepbest gc`. ",
+            "Pass epoch/batch as int, metrics as numbers and versions as strings. ")) from None
+
+
 def environment_versions() -> dict[str, str]:
     return {"keepbest": __version__, "python": platform.python_version(), "numpy": np.__version__}
 
@@ -168,8 +178,11 @@ class CheckpointManager:
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
                  keep: Sequence[KeepRule] = (), series: str = "ckpt") -> None:
-        if any(not hasattr(rule, "__dataclass_fields__") for rule in keep):
+        if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
             raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
+        if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
+            raise ValueError("KeepBest needs a monitor to rank checkpoints. Pass monitor=Monitor(name, mode). "
+                             f"Received: keep={list(keep)!r}, monitor=None")
         self.store = LocalStore(directory)
         self.monitor = monitor
         self.keep = tuple(keep)
@@ -267,30 +280,31 @@ class CheckpointManager:
         if name is None and step is None:
             raise ValueError("CheckpointManager.save needs a step or a name to name the checkpoint. "
                              "Received: step=None, name=None")
-        name = name or f"step-{step:09d}"
+        name = name or f"{self.series}-{step:09d}"
         if not is_safe_relative_path(name) or "/" in name or name.startswith((".keepbest", INDEX_DIR)):
             raise ValueError(
                 f"Checkpoint name {name!r} is not a plain file or folder name, or is reserved by keepbest "
                 "(names starting with '.keepbest'). Pass a name without '/' or '..'. "
                 f"Received: name={name!r}"
             )
+        manifest = Manifest(
+            name=name, layout=payload.layout, format=payload.format, series=self.series,
+            step=step, epoch=epoch, batch=batch,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            monitor=MonitorRecord(self.monitor.name, self.monitor.mode) if self.monitor else None,
+            created=time.time(),
+            versions={**environment_versions(), **(versions or {})}, extra=dict(extra or {}),
+        )
+        _check_readable(manifest)
         staged = self.store.stage(name)
         try:
             entries = payload.write(staged)
         except BaseException:
             self.store.discard(staged)
             raise
-        manifest = Manifest(
-            name=name, layout=payload.layout, format=payload.format, series=self.series,
-            step=step, epoch=epoch, batch=batch,
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
-            monitor=MonitorRecord(self.monitor.name, self.monitor.mode) if self.monitor else None,
-            created=time.time(), files=entries,
-            versions={**environment_versions(), **(versions or {})}, extra=dict(extra or {}),
-        )
-        committed = self.store.commit(staged, manifest)
+        self.store.commit(staged, manifest.with_files(entries))
         self.prune()
-        return Checkpoint(committed, self.store.root / name, False)
+        return next(c for c in self.checkpoints() if c.name == name)
 
     def prune(self) -> list[str]:
         """Deletes this series' checkpoints that no retention rule keeps; returns their names."""

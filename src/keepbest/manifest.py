@@ -111,7 +111,7 @@ class Manifest:
         """Decodes and validates a manifest; ``source`` names it in errors."""
         try:
             doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"Cannot read manifest {source}: it is not valid JSON ({e}). "
                 "The checkpoint cannot be trusted; delete it or run `keepbest gc`."
@@ -190,7 +190,7 @@ class _Decoder:
             batch=self.get(doc, "batch", (int,), optional=True),
             metrics=self.metrics(self.get(doc, "metrics", (dict,))),
             monitor=self.monitor(self.get(doc, "monitor", (dict,), optional=True)),
-            created=float(self.get(doc, "created", (int, float))),
+            created=self.number(doc, "created"),
             files=tuple(self.file(f) for f in self.get(doc, "files", (list,))),
             versions=self.strings(self.get(doc, "versions", (dict,))),
             extra=self.get(doc, "extra", (dict,)),
@@ -202,10 +202,17 @@ class _Decoder:
             if isinstance(value, str) and value in _NON_FINITE:
                 out[key] = _NON_FINITE[value]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[key] = float(value)
+                out[key] = self.number(raw, key)
             else:
                 raise self.fail(f"metric '{key}' must be a number", value)
         return out
+
+    def number(self, doc: Mapping[str, Any], key: str) -> float:
+        value = self.get(doc, key, (int, float))
+        try:
+            return float(value)
+        except OverflowError:
+            raise self.fail(f"field '{key}' is too large for a float", value) from None
 
     def monitor(self, raw: dict[str, Any] | None) -> MonitorRecord | None:
         if raw is None:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
@@ -51,7 +52,8 @@ def resolve_mode(name: str, mode: str, direction: str | None = None, *, owner: s
 
 
 def is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number: Python or NumPy (``np.float32``), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class Monitor:
 
     def is_improvement(self, value: float | None, best: float | None) -> bool:
         """True when ``value`` beats ``best`` (or the baseline when no best yet)."""
-        if not is_finite_number(value):
+        if value is None or not is_finite_number(value):
             return False
-        assert value is not None
+        value = float(value)
         reference = self.better(best, self.baseline)
         if reference is None:
             return True

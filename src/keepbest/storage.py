@@ -164,12 +164,16 @@ class LocalStore:
         self.index.mkdir(exist_ok=True)
         pending = self.index / f"{manifest.name}{PENDING}{os.getpid()}"
         _fs.write_durably(pending, manifest.to_json())
+        # A marker of an earlier failed delete of this name describes data about to be replaced.
+        (self.index / f"{manifest.name}{DELETING}").unlink(missing_ok=True)
         self._reached("intent_written")
         os.replace(staged, target)
-        _fs.fsync_dir(self.root)
-        self._reached("data_published")
-        os.replace(pending, self._manifest_path(manifest.name))
-        _fs.fsync_dir(self.index)
+        try:
+            _fs.fsync_dir(self.root)
+            self._reached("data_published")
+        finally:  # the data is in place: the manifest must follow it, even if this process goes on after an error
+            os.replace(pending, self._manifest_path(manifest.name))
+            _fs.fsync_dir(self.index)
 
     def _publish_dir(self, staged: Path, target: Path, manifest: Manifest) -> None:
         _fs.write_durably(staged / MANIFEST_NAME, manifest.to_json())
@@ -318,8 +322,8 @@ class LocalStore:
         try:
             intent = Manifest.from_json(pending.read_bytes(), source=str(pending))
             data = self.entry_path(name)
-            entry = intent.files[0]
-            matches = data.is_file() and _fs.file_digest(data) == (entry.size, entry.sha256)
+            matches = len(intent.files) == 1 and data.is_file() and \
+                _fs.file_digest(data) == (intent.files[0].size, intent.files[0].sha256)
         except CorruptCheckpointError:
             matches = False
         if matches:  # the data rename happened: finish the commit

@@ -44,7 +44,7 @@ def test_ls_json_carries_metrics_best_and_files(run_dir):
 
 
 def test_ls_of_a_single_checkpoint_folder_lists_only_it(run_dir):
-    result = keepbest("ls", "--json", str(run_dir / "step-000000040"))
+    result = keepbest("ls", "--json", str(run_dir / "ckpt-000000040"))
     assert [d["epoch"] for d in json.loads(result.stdout)] == [4]
 
 
@@ -55,26 +55,26 @@ def test_verify_passes_on_intact_checkpoints(run_dir):
 
 
 def test_verify_exits_1_and_names_the_file_on_a_flipped_bit(run_dir):
-    victim = run_dir / "step-000000040" / "state.safetensors"
+    victim = run_dir / "ckpt-000000040" / "state.safetensors"
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0x80
     victim.write_bytes(bytes(data))
     result = keepbest("verify", str(run_dir))
     assert result.returncode == 1
-    assert f"CORRUPT step-000000040: Checkpoint step-000000040 is corrupt: file {victim}" in result.stdout
+    assert f"CORRUPT ckpt-000000040: Checkpoint ckpt-000000040 is corrupt: file {victim}" in result.stdout
 
 
 def test_verify_exits_1_on_an_unreadable_manifest(run_dir):
-    (run_dir / "step-000000050" / "manifest.json").write_text("{not json")
+    (run_dir / "ckpt-000000050" / "manifest.json").write_text("{not json")
     result = keepbest("verify", str(run_dir))
     assert result.returncode == 1
-    assert "step-000000050" in result.stdout and "not valid JSON" in result.stdout
+    assert "ckpt-000000050" in result.stdout and "not valid JSON" in result.stdout
 
 
 def test_gc_removes_leftovers_of_a_dead_writer(run_dir):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = run_dir / f".keepbest-tmp-{dead.pid}-0badf00d-step-000000060"
+    leftover = run_dir / f".keepbest-tmp-{dead.pid}-0badf00d-ckpt-000000060"
     leftover.mkdir()
     (leftover / "state.safetensors").write_bytes(b"half")
     assert f"would remove {leftover}" in keepbest("gc", "--dry-run", str(run_dir)).stdout

@@ -198,8 +198,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         rec = self._recovered
         if rec is not None and rec.monitor is not None and rec.monitor.mode == mode:
             self.best = self._monitor.better(self.best, rec.monitor_value)
-        for mgr in self._managers.values():
-            mgr.monitor = self._monitor
 
     def _direction(self) -> str | None:
         """The metric's declared direction, found as Keras finds it (``_direction``)."""
@@ -220,8 +218,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def _manager(self, root: str) -> CheckpointManager:
         if root not in self._managers:
-            self._managers[root] = CheckpointManager(root or ".", monitor=self._monitor, keep=self._keep,
-                                                     series=os.path.basename(self.filepath))
+            # Monitor and rules are attached at save time: an "auto" mode is resolved only once
+            # the model's metrics exist.
+            self._managers[root] = CheckpointManager(root or ".", series=os.path.basename(self.filepath))
         return self._managers[root]
 
     def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -277,7 +276,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             return
         root, name = os.path.split(filepath)
         mgr = self._manager(root)
-        mgr.monitor = self._monitor
+        mgr.monitor, mgr.keep = self._monitor, self._keep
         try:
             mgr.save(
                 self._step(), _formats.payload_for(self.model, self.format), name=name,
