@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import warnings
+from typing import Iterator
+
 import keras
 import numpy as np
 import pytest
@@ -30,6 +35,21 @@ def model() -> keras.Model:
 
 def weights_of(model: keras.Model) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.weights]
+
+
+@contextlib.contextmanager
+def user_warnings(pattern: str) -> Iterator[list[str]]:
+    """Collects the UserWarnings matching ``pattern``.
+
+    (``pytest.warns`` would re-raise, as errors, the deprecation warnings that
+    the backends emit inside Keras's own saving code.)
+    """
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield found
+    found.extend(str(w.message) for w in record
+                 if issubclass(w.category, UserWarning) and re.search(pattern, str(w.message)))
 
 
 def drive(cb: keras.callbacks.Callback, model: keras.Model, epoch_logs: list[dict[str, float]]) -> None:

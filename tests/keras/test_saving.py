@@ -10,7 +10,7 @@ from keepbest.keras import ModelCheckpoint
 from keepbest.manager import find_checkpoints
 from keepbest.storage import LocalStore
 
-from .conftest import drive, make_model, weights_of
+from .conftest import drive, make_model, user_warnings, weights_of
 
 
 def _names(folder, pattern="*"):
@@ -129,3 +129,22 @@ def test_load_weights_on_restart_restores_the_newest_checkpoint(tmp_path, model)
     cb.set_model(fresh)
     cb.on_train_begin()
     assert all(np.array_equal(a, b) for a, b in zip(weights_of(fresh), saved))
+
+
+def test_restart_never_overwrites_the_best_with_a_worse_model_under_the_same_name(tmp_path, model):
+    drive(ModelCheckpoint(str(tmp_path / "e{epoch}.keras")), model, [{"loss": 1.0, "val_loss": v} for v in (3, 1, 2)])
+    best_before = (tmp_path / "e2.keras").read_bytes()
+    first_before = (tmp_path / "e1.keras").read_bytes()
+    restarted = ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))  # a restart counts epochs from 1 again
+    with user_warnings(r"not overwriting .*e2.keras: it holds the best val_loss so far \(1.00000") as found:
+        drive(restarted, make_model(), [{"loss": 1.0, "val_loss": v} for v in (4, 5)])
+    assert len(found) == 1
+    assert (tmp_path / "e2.keras").read_bytes() == best_before
+    assert (tmp_path / "e1.keras").read_bytes() != first_before  # a name that is not the best is reused as in Keras
+
+
+def test_fixed_filepath_is_overwritten_every_epoch_as_in_keras(tmp_path, model):
+    cb = ModelCheckpoint(str(tmp_path / "last.keras"))
+    drive(cb, model, [{"loss": 1.0, "val_loss": v} for v in (1, 2, 3)])
+    (ckpt,) = find_checkpoints(tmp_path / "last.keras")[1]
+    assert ckpt.epoch == 3

@@ -214,7 +214,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def _static_root(self) -> str | None:
         """The folder of ``filepath`` when it holds no placeholder, else None."""
         dirname = os.path.dirname(self.filepath)
-        return None if any(f for _, f, _, _ in string.Formatter().parse(dirname) if f is not None) else dirname
+        return None if _has_placeholders(dirname) else dirname
 
     def _manager(self, root: str) -> CheckpointManager:
         if root not in self._managers:
@@ -272,11 +272,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         logs = logs or {}
         filepath = self._get_file_path(epoch, batch, logs)
-        if not self._should_save_model(epoch, batch, logs, filepath):
-            return
         root, name = os.path.split(filepath)
         mgr = self._manager(root)
         mgr.monitor, mgr.keep = self._monitor, self._keep
+        if self._would_overwrite_best(mgr, name, logs):
+            return
+        if not self._should_save_model(epoch, batch, logs, filepath):
+            return
         try:
             mgr.save(
                 self._step(), _formats.payload_for(self.model, self.format), name=name,
@@ -291,6 +293,29 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if self.verbose > 0:
             _print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
+    def _would_overwrite_best(self, mgr: CheckpointManager, name: str, logs: dict[str, Any]) -> bool:
+        """True (with a warning) when a templated name comes round again on the recorded best.
+
+        That happens when a restarted run counts epochs from 1 again: Keras would
+        replace the best model with a worse one. A fixed filepath is meant to be
+        overwritten, and with ``save_best_only`` only a better model gets there.
+        """
+        if self.save_best_only or self._monitor is None or not _has_placeholders(os.path.basename(self.filepath)):
+            return False
+        best = mgr.best
+        if best is None or best.name != name:
+            return False
+        current = logs.get(self.monitor)
+        value = float(current) if current is not None and np.ndim(current) == 0 and _is_number(current) else None
+        if self._monitor.is_improvement(value, mgr.best_value):
+            return False
+        warnings.warn(
+            f"ModelCheckpoint: not overwriting {best.path}: it holds the best {self.monitor} so far "
+            f"({mgr.best_value:.5f}, epoch {best.epoch}) and this save's {self.monitor} ({value}) is not better, "
+            "so this save is skipped. The name came round again because the epoch count restarted: pass "
+            "`initial_epoch` to fit() or use a new filepath.", UserWarning, stacklevel=3)
+        return True
+
     def _step(self) -> int | None:
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
@@ -304,6 +329,10 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _has_placeholders(template: str) -> bool:
+    return any(field is not None for _, field, _, _ in string.Formatter().parse(template))
 
 
 def _check_template(filepath: str) -> None:
