@@ -45,7 +45,7 @@ def fsync_tree(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically: temp sibling, fsync, replace, fsync parent."""
-    tmp = path.with_name(f".keepbest-tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+    tmp = path.with_name(f".keepbest-tmp-{owner_token()}-{os.urandom(4).hex()}-{path.name}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -69,18 +69,44 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def pid_is_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, Linux), or None where unknown."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
     except OSError:
-        return False
-    return True
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def owner_token() -> str:
+    """Names this process in temp names: ``<pid>.<start time>`` (or ``<pid>`` where unknown).
+
+    A restarted process often gets the same pid (pid 1 in a container); the
+    start time tells its leftovers from the files of a live writer.
+    """
+    pid = os.getpid()
+    start = _start_time(pid)
+    return f"{pid}.{start}" if start else str(pid)
+
+
+def owner_is_alive(token: str) -> bool:
+    """Whether the writer named by ``token`` (from :func:`owner_token`) still runs.
+
+    When liveness cannot be decided the answer is True: a live writer's files
+    are never treated as leftovers.
+    """
+    pid_text, _, start = token.partition(".")
+    pid = int(pid_text)
+    if pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # PermissionError: it exists, owned by someone else; anything else: unknown
+            pass
+    return not start or _start_time(pid) in (None, start)
 
 
 _RENAME_EXCHANGE = 2

@@ -150,7 +150,7 @@ def _check_readable(manifest: Manifest) -> None:
         Manifest.from_json(manifest.to_json(), source=f"the manifest of {manifest.name}")
     except (CorruptCheckpointError, TypeError, ValueError) as e:
         raise ValueError(f"Cannot save checkpoint {manifest.name}: {e}".replace(
-            "The checkpoint cannot be trusted; delete it or run `keepbest gc`. ",
+            "The checkpoint cannot be trusted: load another one, or restore or delete it. ",
             "Pass epoch/batch as int, metrics as numbers and versions as strings. ")) from None
 
 
@@ -302,17 +302,22 @@ class CheckpointManager:
         except BaseException:
             self.store.discard(staged)
             raise
-        self.store.commit(staged, manifest.with_files(entries))
-        self.prune()
-        return next(c for c in self.checkpoints() if c.name == name)
+        committed = self.store.commit(staged, manifest.with_files(entries))
+        self.prune(protect=frozenset({name}))
+        return next((c for c in self.checkpoints() if c.name == name),
+                    Checkpoint(committed, self.store.root / name))
 
-    def prune(self) -> list[str]:
-        """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
+    def prune(self, protect: frozenset[str] = frozenset()) -> list[str]:
+        """Deletes this series' checkpoints that no retention rule keeps; returns their names.
+
+        ``protect`` names checkpoints kept whatever the rules say (``save``
+        protects the one it just committed, even if the clock went back).
+        """
         if not self.keep:
             return []
         mine = [m for m in self.store.list().manifests if m.series == self.series]
         cands = [Candidate(m.name, m.created, self._value(m)) for m in mine]
-        keep = retained(cands, self.keep, self.monitor.mode if self.monitor else None)
+        keep = retained(cands, self.keep, self.monitor.mode if self.monitor else None) | protect
         doomed = sorted((m for m in mine if m.name not in keep), key=lambda m: m.created)
         for m in doomed:
             self.store.delete(m)

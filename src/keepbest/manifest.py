@@ -114,7 +114,7 @@ class Manifest:
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"Cannot read manifest {source}: it is not valid JSON ({e}). "
-                "The checkpoint cannot be trusted; delete it or run `keepbest gc`."
+                "The checkpoint cannot be trusted: load another one, or restore or delete it."
             ) from None
         return _Decoder(source).manifest(doc)
 
@@ -145,8 +145,8 @@ class _Decoder:
 
     def fail(self, what: str, got: object) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"Invalid manifest {self.source}: {what}. The checkpoint cannot be "
-            f"trusted; delete it or run `keepbest gc`. Received: {got!r:.200}"
+            f"Invalid manifest {self.source}: {what}. The checkpoint cannot be trusted: "
+            f"load another one, or restore or delete it. Received: {got!r:.200}"
         )
 
     def get(self, doc: Mapping[str, Any], key: str, types: tuple[type, ...], optional: bool = False) -> Any:

@@ -73,12 +73,15 @@ class Monitor:
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
             raise ValueError(
-                f"Monitor mode must be 'min' or 'max' (resolve 'auto' first). Received: mode={self.mode!r}"
+                "Monitor mode must be 'min' or 'max': a Monitor compares values, so 'auto' must be "
+                f"resolved first (see resolve_mode). Received: mode={self.mode!r}"
             )
         if not is_finite_number(self.min_delta) or self.min_delta < 0:
-            raise ValueError(f"min_delta must be a finite number >= 0. Received: min_delta={self.min_delta!r}")
+            raise ValueError("Monitor min_delta must be a finite number >= 0: it is the smallest change that "
+                             f"counts as an improvement. Received: min_delta={self.min_delta!r}")
         if self.baseline is not None and not is_finite_number(self.baseline):
-            raise ValueError(f"baseline must be a finite number or None. Received: baseline={self.baseline!r}")
+            raise ValueError("Monitor baseline must be a finite number or None: it is the value the first "
+                             f"candidate must beat. Received: baseline={self.baseline!r}")
 
     def is_improvement(self, value: float | None, best: float | None) -> bool:
         """True when ``value`` beats ``best`` (or the baseline when no best yet)."""
@@ -93,11 +96,16 @@ class Monitor:
         return value > reference + self.min_delta
 
     def better(self, a: float | None, b: float | None) -> float | None:
-        """The better of two values, ignoring None and non-finite ones."""
-        finite = [float(v) for v in (a, b) if v is not None and is_finite_number(v)]
-        if not finite:
+        """The better of two values, ignoring None and NaN.
+
+        An infinite value stays a bar (Keras accepts ``initial_value_threshold=inf``:
+        in "max" mode nothing beats it); values to be judged are never infinite,
+        since :meth:`is_improvement` refuses them.
+        """
+        known = [float(v) for v in (a, b) if v is not None and not math.isnan(v)]
+        if not known:
             return None
-        return min(finite) if self.mode == "min" else max(finite)
+        return min(known) if self.mode == "min" else max(known)
 
 
 # --- save triggers -----------------------------------------------------------
@@ -148,7 +156,8 @@ KeepRule = Union[KeepLast, KeepBest]
 
 def _check_count(rule: str, arg: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{rule}({arg}=...) must be a positive integer. Received: {arg}={value!r}")
+        raise ValueError(f"{rule}({arg}=...) must be a positive integer: it counts checkpoints to keep. "
+                         f"Pass 1 or more. Received: {arg}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,8 @@ def retained(candidates: Sequence[Candidate], rules: Sequence[KeepRule], mode: s
             keep.update(c.key for c in by_age[-rule.n :])
         elif isinstance(rule, KeepBest):
             if mode is None:
-                raise ValueError("KeepBest needs a monitor with a mode; none was given.")
+                raise ValueError("KeepBest needs a monitor to rank checkpoints, and none was given. Pass a "
+                                 "Monitor (or a mode) along with the rule. Received: mode=None")
             sign = 1.0 if mode == "min" else -1.0
             scored = [c for c in by_age if is_finite_number(c.value)]
             scored.sort(key=lambda c: (sign * float(c.value), -c.order))  # type: ignore[arg-type]

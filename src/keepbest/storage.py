@@ -37,7 +37,9 @@ Example:
 from __future__ import annotations
 
 import builtins
+import glob
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +55,7 @@ OLD_PREFIX = ".keepbest-old-"
 TRASH_PREFIX = ".keepbest-trash-"
 PENDING = ".json.pending-"
 DELETING = ".json.deleting"
+_TOKEN = re.compile(r"\d+(\.\d+)?")
 
 
 @dataclass
@@ -73,10 +76,16 @@ class Recovery:
     removed: list[str] = field(default_factory=list)
 
 
-def _owner_pid(name: str, prefix: str) -> int | None:
-    """The writer's pid encoded in a temp/old name, or None if not one of ours."""
+def _owner(name: str, prefix: str) -> str | None:
+    """The writer's token in a temp/old/trash name (``<prefix><token>-...``), or None if not ours."""
     head = name[len(prefix) :].split("-", 1)[0]
-    return int(head) if name.startswith(prefix) and head.isdigit() else None
+    return head if name.startswith(prefix) and _TOKEN.fullmatch(head) else None
+
+
+def _suffix_owner(name: str, marker: str) -> str | None:
+    """The writer's token after ``marker`` (``<name><marker><token>``), or None."""
+    tail = name.rsplit(marker, 1)[-1] if marker in name else ""
+    return tail if _TOKEN.fullmatch(tail) else None
 
 
 class LocalStore:
@@ -114,7 +123,7 @@ class LocalStore:
                 e.errno, f"Cannot create checkpoint directory {self.root}: {e.strerror}. "
                 "Check the path and its permissions", str(self.root)
             ) from e
-        return self.root / f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{name}"
+        return self.root / f"{TMP_PREFIX}{_fs.owner_token()}-{os.urandom(4).hex()}-{name}"
 
     def discard(self, staged: Path) -> None:
         """Removes a staged entry that will not be committed."""
@@ -162,10 +171,11 @@ class LocalStore:
                 f"Choose a file path. Received: filepath={target}"
             )
         self.index.mkdir(exist_ok=True)
-        pending = self.index / f"{manifest.name}{PENDING}{os.getpid()}"
+        pending = self.index / f"{manifest.name}{PENDING}{_fs.owner_token()}"
         _fs.write_durably(pending, manifest.to_json())
         # A marker of an earlier failed delete of this name describes data about to be replaced.
-        (self.index / f"{manifest.name}{DELETING}").unlink(missing_ok=True)
+        for marker in self.index.glob(f"{glob.escape(manifest.name)}{DELETING}*"):
+            marker.unlink(missing_ok=True)
         self._reached("intent_written")
         os.replace(staged, target)
         try:
@@ -192,7 +202,7 @@ class LocalStore:
             self._reached("data_published")
             _remove(staged)  # now holds the previous checkpoint, already invisible
             return
-        old = self.root / f"{OLD_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{manifest.name}"
+        old = self.root / f"{OLD_PREFIX}{_fs.owner_token()}-{os.urandom(4).hex()}-{manifest.name}"
         os.rename(target, old)
         try:
             self._reached("old_moved_aside")
@@ -208,7 +218,7 @@ class LocalStore:
         """Removes a committed checkpoint; the manifest goes first."""
         target = self.entry_path(manifest.name)
         if manifest.layout == "file":
-            marker = self.index / f"{manifest.name}{DELETING}"
+            marker = self.index / f"{manifest.name}{DELETING}-{_fs.owner_token()}"
             os.replace(self._manifest_path(manifest.name), marker)
             _fs.fsync_dir(self.index)
             self._reached("uncommitted")
@@ -216,7 +226,7 @@ class LocalStore:
             _fs.fsync_dir(self.root)
             marker.unlink(missing_ok=True)
         else:
-            trash = self.root / f"{TRASH_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{manifest.name}"
+            trash = self.root / f"{TRASH_PREFIX}{_fs.owner_token()}-{os.urandom(4).hex()}-{manifest.name}"
             os.rename(target, trash)
             _fs.fsync_dir(self.root)
             self._reached("uncommitted")
@@ -246,7 +256,8 @@ class LocalStore:
         if m.layout != layout:
             out.errors.append(CorruptCheckpointError(
                 f"Invalid manifest {path}: layout '{m.layout}' does not match where it is stored "
-                f"('{layout}'). Delete it or run `keepbest gc`. Received: layout={m.layout}"))
+                f"('{layout}'). The checkpoint cannot be trusted: load another one, or restore or delete it. "
+                f"Received: layout={m.layout}"))
             return
         if m.name != name:  # the folder was renamed or copied: where it is now wins
             m = replace(m, name=name)
@@ -278,18 +289,18 @@ class LocalStore:
         if self.root.is_dir():
             for p in self.root.iterdir():
                 for prefix in (TMP_PREFIX, OLD_PREFIX, TRASH_PREFIX):
-                    pid = _owner_pid(p.name, prefix)
-                    if pid is not None and not _fs.pid_is_alive(pid):
+                    owner = _owner(p.name, prefix)
+                    if owner is not None and not _fs.owner_is_alive(owner):
                         found.append(p)
         if self.index.is_dir():
             for p in self.index.iterdir():
-                pid = _owner_pid(p.name, TMP_PREFIX)
-                if p.name.endswith(DELETING) or (pid is not None and not _fs.pid_is_alive(pid)):
+                if p.name.endswith(DELETING):  # written before markers named their writer
                     found.append(p)
-                elif PENDING in p.name:
-                    owner = p.name.rsplit("-", 1)[-1]
-                    if owner.isdigit() and not _fs.pid_is_alive(int(owner)):
-                        found.append(p)
+                    continue
+                owner = _owner(p.name, TMP_PREFIX) or _suffix_owner(p.name, PENDING) \
+                    or _suffix_owner(p.name, DELETING + "-")
+                if owner is not None and not _fs.owner_is_alive(owner):
+                    found.append(p)
         return sorted(found)
 
     def recover(self) -> Recovery:
@@ -298,8 +309,8 @@ class LocalStore:
         for p in self.orphans():
             if PENDING in p.name:
                 self._settle_pending(p, report)
-            elif p.name.endswith(DELETING):
-                _remove(self.root / p.name[: -len(DELETING)])
+            elif DELETING in p.name:
+                _remove(self.root / p.name.rsplit(DELETING, 1)[0])
                 p.unlink(missing_ok=True)
                 report.removed.append(str(p))
             elif p.name.startswith(OLD_PREFIX):

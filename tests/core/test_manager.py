@@ -3,6 +3,7 @@
 import math
 import re
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -390,3 +391,12 @@ def test_two_series_saving_the_same_step_keep_both_checkpoints(tmp_path):
     a.save(1, state(1))
     b.save(1, state(2))
     assert a.load(1)["w"][0, 0] == 1.0
+
+
+def test_save_never_prunes_the_checkpoint_it_just_committed_when_the_clock_went_back(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep=[KeepLast(1)])
+    mgr.save(100, state(1))
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)  # an NTP step back
+    ckpt = mgr.save(200, state(2))
+    assert ckpt.step == 200 and mgr.load(200)["w"][0, 0] == 2.0

@@ -94,6 +94,12 @@ def test_is_improvement_ignores_a_non_finite_best(mode):
     assert Monitor("m", mode).is_improvement(3.0, best=NAN) is True
 
 
+@pytest.mark.parametrize(("mode", "best", "expected"), [("min", INF, True), ("max", INF, False),
+                                                       ("max", -INF, True), ("min", -INF, False)])
+def test_an_infinite_best_is_a_bar_like_any_other(mode, best, expected):
+    assert Monitor("m", mode).is_improvement(0.5, best=best) is expected
+
+
 def test_is_improvement_accepts_numpy_float32_values():
     assert Monitor("m", "min").is_improvement(np.float32(0.5), best=1.0) is True
 
@@ -109,20 +115,22 @@ def test_is_improvement_accepts_numpy_float32_values():
         ("min", None, 2.0, 2.0),
         ("max", 1.0, None, 1.0),
         ("min", NAN, 2.0, 2.0),
-        ("max", INF, 2.0, 2.0),
-        ("min", -INF, 2.0, 2.0),
+        ("max", INF, 2.0, INF),
+        ("min", -INF, 2.0, -INF),
+        ("min", INF, 2.0, 2.0),
         ("min", None, None, None),
-        ("max", NAN, INF, None),
+        ("max", NAN, INF, INF),
+        ("max", NAN, None, None),
     ],
 )
-def test_better_returns_the_better_finite_value(mode, a, b, expected):
+def test_better_returns_the_better_value_ignoring_none_and_nan(mode, a, b, expected):
     assert Monitor("m", mode).better(a, b) == expected
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "auto"}, "resolve 'auto' first"),
+        ({"mode": "auto"}, "'auto' must be resolved first"),
         ({"mode": "up"}, "Received: mode='up'"),
         ({"min_delta": -0.1}, "min_delta must be a finite number >= 0"),
         ({"min_delta": NAN}, "min_delta must be a finite number >= 0"),
@@ -240,7 +248,7 @@ def test_retained_never_counts_non_finite_values_as_best(values, rules, expected
 
 
 def test_retained_keep_best_without_mode_raises():
-    with pytest.raises(ValueError, match="KeepBest needs a monitor with a mode"):
+    with pytest.raises(ValueError, match=r"KeepBest needs a monitor to rank checkpoints.*Received: mode=None"):
         retained(history([1, 2]), (KeepBest(1),), None)
 
 
@@ -255,10 +263,10 @@ def test_best_candidate_is_none_without_finite_values():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: KeepLast(0), r"KeepLast\(n=...\) must be a positive integer. Received: n=0"),
+        (lambda: KeepLast(0), r"KeepLast\(n=...\) must be a positive integer.*Received: n=0"),
         (lambda: KeepLast(True), "Received: n=True"),
         (lambda: KeepLast(1.0), "Received: n=1.0"),
-        (lambda: KeepBest(-1), r"KeepBest\(k=...\) must be a positive integer. Received: k=-1"),
+        (lambda: KeepBest(-1), r"KeepBest\(k=...\) must be a positive integer.*Received: k=-1"),
         (lambda: KeepBest(False), "Received: k=False"),
     ],
 )

@@ -49,22 +49,23 @@ class CrashingStore(FailingStore):
     def _reached(self, point):
         if point == self.point:
             shutil.copytree(self.root, self.snapshot, symlinks=True)
-            rename_pid(self.snapshot, os.getpid(), self.dead_pid)
+            rename_owner(self.snapshot, _fs.owner_token(), str(self.dead_pid))
         super()._reached(point)
 
 
-def rename_pid(root, pid, new_pid):
-    """Renames every keepbest temp/old/trash/pending name of writer ``pid`` to ``new_pid``."""
+def rename_owner(root, owner, new_owner):
+    """Renames every keepbest temp/old/trash/pending/deleting name of writer ``owner`` to ``new_owner``."""
     for folder in (root, root / INDEX_DIR):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
             name = p.name
             for prefix in (TMP_PREFIX, OLD_PREFIX, TRASH_PREFIX):
-                if name.startswith(f"{prefix}{pid}-"):
-                    name = f"{prefix}{new_pid}-" + name[len(f"{prefix}{pid}-"):]
-            if name.endswith(f"{PENDING}{pid}"):
-                name = name[: -len(str(pid))] + str(new_pid)
+                if name.startswith(f"{prefix}{owner}-"):
+                    name = f"{prefix}{new_owner}-" + name[len(f"{prefix}{owner}-"):]
+            for marker in (PENDING, f"{DELETING}-"):
+                if name.endswith(f"{marker}{owner}"):
+                    name = name[: -len(owner)] + new_owner
             if name != p.name:
                 p.rename(folder / name)
 
@@ -73,7 +74,7 @@ def rename_pid(root, pid, new_pid):
 def dead_pid():
     child = subprocess.Popen(["true"])
     child.wait()
-    assert not _fs.pid_is_alive(child.pid)
+    assert not _fs.owner_is_alive(str(child.pid))
     return child.pid
 
 
@@ -588,3 +589,44 @@ def test_recover_leaves_a_live_writers_staged_entry(tmp_path):
     staged.mkdir()
     store.recover()
     assert staged.is_dir()
+
+
+# --- a restarted writer that got the same pid (pid 1 in a container) ------------------------------------
+
+
+def _earlier_incarnation_of_this_pid():
+    """An owner token with our pid but another start time: a previous process that had our pid."""
+    token = _fs.owner_token()
+    assert "." in token, "this platform has no process start times"
+    pid, start = token.split(".")
+    return f"{pid}.{int(start) + 1}"
+
+
+def test_leftover_of_an_earlier_process_with_our_pid_is_an_orphan(tmp_path):
+    store = LocalStore(tmp_path)
+    stale = tmp_path / f"{TMP_PREFIX}{_earlier_incarnation_of_this_pid()}-abcd-model.keras"
+    live = tmp_path / f"{TMP_PREFIX}{_fs.owner_token()}-abcd-model.keras"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"in progress")
+    assert store.orphans() == [stale]
+
+
+def test_pending_commit_of_an_earlier_process_with_our_pid_is_rolled_forward(tmp_path):
+    store = LocalStore(tmp_path)
+    commit(store, "file", "model.keras", V1)
+    m2 = commit(FailingStore(tmp_path / "scratch", "never"), "file", "model.keras", V2)
+    # The state a kill -9 between the data rename and the manifest rename leaves behind:
+    shutil.copyfile(tmp_path / "scratch" / "model.keras", tmp_path / "model.keras")
+    (store.index / f"model.keras{PENDING}{_earlier_incarnation_of_this_pid()}").write_bytes(m2.to_json())
+    assert store.recover().rolled_forward == ["model.keras"]
+    store.verify(listed(store)[0])
+
+
+def test_deleting_marker_of_a_live_writer_is_not_an_orphan(tmp_path):
+    store = LocalStore(tmp_path)
+    store.index.mkdir()
+    live = store.index / f"model.keras{DELETING}-{_fs.owner_token()}"
+    stale = store.index / f"other.keras{DELETING}-{_earlier_incarnation_of_this_pid()}"
+    live.write_bytes(b"{}")
+    stale.write_bytes(b"{}")
+    assert store.orphans() == [stale]

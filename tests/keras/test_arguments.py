@@ -57,9 +57,17 @@ def test_keep_last_must_be_a_positive_integer(tmp_path, bad):
         ModelCheckpoint(str(tmp_path / "m.keras"), keep_last=bad)
 
 
-def test_non_finite_initial_value_threshold_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"initial_value_threshold.*finite"):
-        ModelCheckpoint(str(tmp_path / "m.keras"), initial_value_threshold=float("nan"))
+@pytest.mark.parametrize("bad", [float("nan"), "0.5"])
+def test_initial_value_threshold_must_be_a_number(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"`initial_value_threshold` must be a number.*Received: initial_value_threshold="):
+        ModelCheckpoint(str(tmp_path / "m.keras"), initial_value_threshold=bad)
+
+
+def test_infinite_initial_value_threshold_in_max_mode_is_never_beaten_as_in_keras(tmp_path, model):
+    cb = ModelCheckpoint(str(tmp_path / "m.keras"), monitor="val_loss", mode="max", save_best_only=True,
+                         initial_value_threshold=float("inf"))
+    drive(cb, model, [{"loss": 1.0, "val_loss": 0.5}])
+    assert not (tmp_path / "m.keras").exists()
 
 
 def test_malformed_template_is_rejected(tmp_path):

@@ -91,16 +91,49 @@ def test_absent_validation_metric_never_overwrites_the_best(tmp_path, model):
     cb = ModelCheckpoint(str(path), save_best_only=True)
     drive(cb, model, [{"loss": 1.0, "val_loss": 0.5}])
     before = path.read_bytes()
-    drive(cb, model, [{"loss": 0.1}])  # validation did not run this epoch (validation_freq)
+    with user_warnings(r"Can save best model only with val_loss available.*kept") as found:
+        drive(cb, model, [{"loss": 0.1}])  # validation did not run this epoch (validation_freq)
     assert path.read_bytes() == before
     assert cb.best == 0.5
+    assert len(found) == 1
 
 
 def test_validation_freq_epochs_without_validation_do_not_save(tmp_path, digits):
     x, y = digits
     cb = ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), save_best_only=True)
-    make_model().fit(x, y, validation_split=0.2, validation_freq=2, epochs=4, verbose=0, callbacks=[cb])
+    with user_warnings(r"not in the logs of epoch 1") as found:
+        make_model().fit(x, y, validation_split=0.2, validation_freq=2, epochs=4, verbose=0, callbacks=[cb])
+    assert len(found) == 1  # once, not every skipped epoch
     assert sorted(p.name for p in tmp_path.glob("*.keras")) in (["e2.keras", "e4.keras"], ["e2.keras"])
+
+
+def test_training_without_validation_data_warns_that_nothing_is_saved(tmp_path, digits):
+    x, y = digits
+    cb = ModelCheckpoint(str(tmp_path / "best.keras"), save_best_only=True)
+    with user_warnings(r"Can save best model only with val_loss available.*no validation data") as found:
+        make_model().fit(x, y, epochs=2, verbose=0, callbacks=[cb])
+    assert len(found) == 1
+    assert not (tmp_path / "best.keras").exists()
+
+
+def test_metric_added_at_epoch_end_by_another_callback_can_be_monitored(tmp_path, digits):
+    x, y = digits
+
+    class AddsF1(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_f1"] = 0.5 + epoch / 10
+
+    cb = ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), monitor="val_f1", mode="max", save_best_only=True)
+    make_model().fit(x, y, validation_split=0.2, epochs=2, verbose=0, callbacks=[AddsF1(), cb])
+    assert cb.best == pytest.approx(0.6)
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["e1.keras", "e2.keras"]
+
+
+def test_monitor_op_is_keras_comparison_once_known(tmp_path, model):
+    cb = ModelCheckpoint(str(tmp_path / "m.keras"), monitor="val_loss")
+    assert cb.monitor_op is None
+    drive(cb, model, LOSSES[:1])
+    assert cb.monitor_op is keras.ops.less
 
 
 def test_initial_value_threshold_must_be_beaten(tmp_path, model):

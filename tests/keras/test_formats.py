@@ -169,6 +169,23 @@ def test_loading_a_folder_of_checkpoints_takes_the_best(tmp_path, digits):
     assert _same(weights_of(keepbest.keras.load_model(tmp_path)), weights_of(expected))
 
 
+@pytest.mark.parametrize("filepath", ["m.keras", "ckpt"])
+def test_a_damaged_manifest_fails_the_load_instead_of_skipping_verification(tmp_path, digits, filepath):
+    _trained(tmp_path, digits, filepath)
+    manifest = tmp_path / "ckpt" / "manifest.json" if filepath == "ckpt" else tmp_path / ".keepbest" / "m.keras.json"
+    manifest.write_text("{")
+    with pytest.raises(CorruptCheckpointError, match=rf"Cannot read manifest {manifest}"):
+        keepbest.keras.load_model(tmp_path / filepath)
+
+
+def test_trailing_separator_names_the_checkpoint_folder(tmp_path, digits):
+    model = _trained(tmp_path, digits, "ckpt/", save_weights_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ckpt"]
+    fresh = make_model()
+    keepbest.keras.load_weights(fresh, tmp_path / "ckpt")
+    assert _same(weights_of(fresh), weights_of(model))
+
+
 def test_loading_nothing_raises_checkpoint_not_found(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match=r"No checkpoint at .*does not exist"):
         keepbest.keras.load_model(tmp_path / "missing")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
 import string
 import warnings
@@ -33,7 +34,8 @@ def _positive_int_or_none(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
+        raise ValueError(f"`{name}` must be a positive integer (a number of checkpoints to keep) or None "
+                         f"(no limit). Received: {name}={value!r}")
     return value
 
 
@@ -74,12 +76,15 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 f"values greater than 0 (a number of batches). Received: save_freq={save_freq!r}"
             )
         check_mode(mode)
-        if initial_value_threshold is not None and not np.isfinite(initial_value_threshold):
+        if initial_value_threshold is not None and (
+                not isinstance(initial_value_threshold, numbers.Real) or isinstance(initial_value_threshold, bool)
+                or np.isnan(initial_value_threshold)):
             raise ValueError(
-                "`initial_value_threshold` must be a finite number or None. "
-                f"Received: initial_value_threshold={initial_value_threshold!r}"
+                "`initial_value_threshold` must be a number (the value the first saved model must beat) "
+                f"or None. Received: initial_value_threshold={initial_value_threshold!r}"
             )
-        self.filepath = os.fspath(filepath)
+        # A trailing separator ("ckpt/") names the folder itself.
+        self.filepath = os.fspath(filepath).rstrip("/" + os.sep) or os.fspath(filepath)
         _check_template(self.filepath)
         self.format = _formats.format_for(self.filepath, save_weights_only)
         self.monitor = monitor
@@ -97,12 +102,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
         )
         self._monitor: Monitor | None = None
         self._monitor_checked = False
+        self._logged: set[str] = set()
         self._recovered: Manifest | None = None
         self._managers: dict[str, CheckpointManager] = {}
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen: int | None = None
         self._current_epoch = 0
-        self._warned_batch_val = False
+        self._warned_absent = False
 
     # -- construction helpers -----------------------------------------------------
     def _legacy_kwargs(self, kwargs: dict[str, Any]) -> int:
@@ -122,7 +128,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if period is None:
             return 1
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"`period` must be a positive integer. Received: period={period!r}")
+            raise ValueError("`period` must be a positive integer (save every N epochs); for batches use "
+                             f"`save_freq`. Received: period={period!r}")
         warnings.warn("`period` argument is deprecated. Please use `save_freq` to specify the frequency "
                       f"in number of batches seen. Saving every {period} epochs.", FutureWarning, stacklevel=3)
         return period
@@ -153,7 +160,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._monitor_checked:
-            self._check_monitor(logs or {})
+            self._check_monitor(logs or {}, final=False)
         if self.save_freq == "epoch":
             return
         self._batches_seen_since_last_saving += batches_advanced(self._last_batch_seen, batch)
@@ -164,30 +171,47 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._monitor_checked:
-            self._check_monitor(logs or {})
+            self._check_monitor(logs or {}, final=True)
         if self.save_freq == "epoch" and epoch_is_due(epoch, self._epoch_period):
             self._save_model(epoch=epoch, batch=None, logs=logs)
 
     # -- monitor --------------------------------------------------------------------
     @property
+    def monitor_op(self) -> Any:
+        """Keras's comparison (``keras.ops.less`` or ``greater``), once the mode is known; else None."""
+        if self._monitor is None:
+            return None
+        return keras.ops.less if self._monitor.mode == "min" else keras.ops.greater
+
+    @property
     def _monitor_needed(self) -> bool:
         return self.save_best_only or self.keep_best is not None
 
-    def _check_monitor(self, logs: dict[str, Any]) -> None:
-        """Validates ``monitor`` against what the model logs, once, before any save."""
-        names = set(logs) | {f"val_{k}" for k in logs if not k.startswith("val_")}
-        self._monitor_checked = True
+    def _check_monitor(self, logs: dict[str, Any], final: bool) -> None:
+        """Validates ``monitor`` against what is logged, before any best decision.
+
+        A name seen in the batch logs (or its ``val_`` form) is accepted at the
+        first batch. Otherwise the verdict waits for the first epoch end, whose
+        logs also hold what other callbacks add there (a ``val_f1``, say).
+        """
+        self._logged.update(logs)
+        names = self._logged | {f"val_{k}" for k in self._logged if not k.startswith("val_")}
         if self.monitor not in names:
+            if not final:
+                return
+            self._monitor_checked = True
             if not self._monitor_needed:
                 return  # as in Keras, monitor is unused then; no best is recorded
             available = sorted(names)
             match = difflib.get_close_matches(self.monitor, available, n=1, cutoff=0.5)
             hint = f" Did you mean '{match[0]}'?" if match else ""
             raise MonitorError(
-                f"ModelCheckpoint cannot monitor '{self.monitor}': this model never logs it, so "
-                f"no checkpoint could ever be judged best.{hint} Pass one of the available names "
-                f"as `monitor`. Available: {', '.join(available)}. Received: monitor={self.monitor}"
+                f"ModelCheckpoint cannot monitor '{self.monitor}': it is not in the logs of the first epoch, "
+                f"so no checkpoint could ever be judged best.{hint} Pass one of the available names as "
+                "`monitor` (if another callback adds it, list that callback before ModelCheckpoint). "
+                f"Available: {', '.join(available)}. Received: monitor={self.monitor}"
             )
+        self._monitor_checked = True
         try:
             mode = resolve_mode(self.monitor, self.mode, self._direction())
         except MonitorError:
@@ -259,12 +283,18 @@ class ModelCheckpoint(keras.callbacks.Callback):
         return False
 
     def _report_absent(self, epoch: int, batch: int | None) -> None:
-        if batch is not None and self.monitor.startswith("val_") and not self._warned_batch_val:
-            self._warned_batch_val = True
-            warnings.warn(
-                f"ModelCheckpoint: '{self.monitor}' is only computed at the end of an epoch, so the "
-                f"batch saves (save_freq={self.save_freq}) with save_best_only=True are skipped. "
-                "Monitor a training metric, or use save_freq='epoch'.", UserWarning, stacklevel=3)
+        if not self._warned_absent:
+            self._warned_absent = True
+            if batch is not None and self.monitor.startswith("val_"):
+                why = (f"'{self.monitor}' is only computed at the end of an epoch, so the batch saves "
+                       f"(save_freq={self.save_freq}) with save_best_only=True are skipped. Monitor a "
+                       "training metric, or use save_freq='epoch'.")
+            else:
+                why = (f"It is not in the logs of epoch {epoch + 1} (no validation data, or `validation_freq` "
+                       "skipped this epoch): nothing is saved then and the best checkpoint is kept. Pass "
+                       "validation data, or monitor a training metric. (Shown once.)")
+            warnings.warn(f"Can save best model only with {self.monitor} available. {why}", UserWarning,
+                          stacklevel=3)
         if self.verbose > 0:
             _print_msg(f"\nEpoch {epoch + 1}: {self.monitor} is not available, skipping: the best "
                        "checkpoint is kept")
@@ -274,7 +304,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
         filepath = self._get_file_path(epoch, batch, logs)
         root, name = os.path.split(filepath)
         mgr = self._manager(root)
-        mgr.monitor, mgr.keep = self._monitor, self._keep
+        # Until the monitor is known (a name that first appears at epoch end), rank nothing.
+        mgr.monitor = self._monitor
+        mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if isinstance(r, KeepLast))
         if self._would_overwrite_best(mgr, name, logs):
             return
         if not self._should_save_model(epoch, batch, logs, filepath):

@@ -12,6 +12,8 @@ import keras
 from keepbest.errors import CheckpointNotFoundError
 from keepbest.keras import _formats, _state
 from keepbest.manager import Checkpoint, find_checkpoints
+from keepbest.manifest import Manifest
+from keepbest.storage import INDEX_DIR, MANIFEST_NAME
 
 
 def resolve(path: str | os.PathLike[str]) -> tuple[Path, Checkpoint | None]:
@@ -23,6 +25,9 @@ def resolve(path: str | os.PathLike[str]) -> tuple[Path, Checkpoint | None]:
     Keras file that keepbest did not write).
     """
     p = Path(os.fspath(path))
+    own_manifest = p / MANIFEST_NAME if p.is_dir() else p.parent / INDEX_DIR / f"{p.name}.json"
+    if own_manifest.is_file():  # a damaged manifest must fail the load, not skip verification
+        Manifest.from_json(own_manifest.read_bytes(), source=str(own_manifest))
     store, ckpts = find_checkpoints(p)
     if p.is_file():
         ckpt = ckpts[0] if ckpts else None

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from keepbest import codec
-from keepbest.errors import StateMismatchError
+from keepbest.errors import CorruptCheckpointError, StateMismatchError
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -80,12 +80,19 @@ def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
     """
     tensors = codec.read_file(file)
     _, meta, _ = codec.read_header(file)
-    try:
-        saved_order = [p for p in json.loads(meta.get(ORDER_KEY, "[]")) if p in tensors]
-    except ValueError:
-        saved_order = []
-    if len(saved_order) != len(tensors):
-        saved_order = sorted(tensors)
+    saved_order: list[str] = sorted(tensors)  # a file keepbest did not write has no order: names decide
+    if ORDER_KEY in meta:
+        try:
+            recorded: Any = json.loads(meta[ORDER_KEY])
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, list) or sorted(map(str, recorded)) != sorted(tensors):
+            raise CorruptCheckpointError(
+                f"Cannot restore {what} from {file}: its variable order ({ORDER_KEY}) does not list its "
+                "tensors. The file was not written by keepbest or was edited; load another checkpoint. "
+                f"Received: {meta[ORDER_KEY][:200]!r}"
+            )
+        saved_order = [str(p) for p in recorded]
     targets = unique_paths(variables)
     if set(targets) == set(tensors):
         pairs = [(p, tensors[p], v) for p, v in zip(targets, variables)]
