@@ -294,9 +294,6 @@ class LocalStore:
                         found.append(p)
         if self.index.is_dir():
             for p in self.index.iterdir():
-                if p.name.endswith(DELETING):  # written before markers named their writer
-                    found.append(p)
-                    continue
                 owner = _owner(p.name, TMP_PREFIX) or _suffix_owner(p.name, PENDING) \
                     or _suffix_owner(p.name, DELETING + "-")
                 if owner is not None and not _fs.owner_is_alive(owner):

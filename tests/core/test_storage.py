@@ -563,11 +563,11 @@ def test_orphans_lists_leftovers_of_dead_writers_only(tmp_path, dead_pid, make):
     assert str(dead_pid) in found.name and str(os.getpid()) not in found.name
 
 
-def test_orphans_lists_a_deleting_marker_whoever_wrote_it(tmp_path):
+def test_orphans_lists_a_deleting_marker_of_a_dead_writer(tmp_path, dead_pid):
     store = LocalStore(tmp_path)
     store.index.mkdir()
-    (store.index / f"model.keras{DELETING}").write_bytes(b"{}")
-    assert store.orphans() == [store.index / f"model.keras{DELETING}"]
+    (store.index / f"model.keras{DELETING}-{dead_pid}").write_bytes(b"{}")
+    assert store.orphans() == [store.index / f"model.keras{DELETING}-{dead_pid}"]
 
 
 def test_orphans_ignores_committed_and_foreign_entries(tmp_path, dead_pid):
