@@ -69,7 +69,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__()
-        self._epoch_period = self._legacy_kwargs(kwargs)
+        self._epoch_period, self._load_on_restart = _legacy_kwargs(kwargs)
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
             raise ValueError(
                 f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are 'epoch' or integer "
@@ -109,30 +109,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._last_batch_seen: int | None = None
         self._current_epoch = 0
         self._warned_absent = False
-
-    # -- construction helpers -----------------------------------------------------
-    def _legacy_kwargs(self, kwargs: dict[str, Any]) -> int:
-        for key in kwargs:
-            if key not in _LEGACY:
-                match = difflib.get_close_matches(key, _ARGS + _LEGACY, n=1)
-                hint = f" Did you mean '{match[0]}'?" if match else ""
-                raise TypeError(
-                    f"ModelCheckpoint.__init__() got an unexpected keyword argument '{key}'.{hint} "
-                    f"Valid arguments: {', '.join(_ARGS)}. Received: {key}={kwargs[key]!r}"
-                )
-        if kwargs.get("options") is not None:
-            warnings.warn("ModelCheckpoint: `options` (tf.train.CheckpointOptions/SaveOptions) has no "
-                          "meaning in Keras 3 and is ignored.", UserWarning, stacklevel=3)
-        self._load_on_restart = bool(kwargs.get("load_weights_on_restart", False))
-        period = kwargs.get("period")
-        if period is None:
-            return 1
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError("`period` must be a positive integer (save every N epochs); for batches use "
-                             f"`save_freq`. Received: period={period!r}")
-        warnings.warn("`period` argument is deprecated. Please use `save_freq` to specify the frequency "
-                      f"in number of batches seen. Saving every {period} epochs.", FutureWarning, stacklevel=3)
-        return period
 
     # -- Keras hooks --------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -353,6 +329,31 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if optimizer is None:
             return None
         return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def _legacy_kwargs(kwargs: dict[str, Any]) -> tuple[int, bool]:
+    """tf.keras 2.x keywords: returns (save every N epochs, load_weights_on_restart)."""
+    for key in kwargs:
+        if key not in _LEGACY:
+            match = difflib.get_close_matches(key, _ARGS + _LEGACY, n=1)
+            hint = f" Did you mean '{match[0]}'?" if match else ""
+            raise TypeError(
+                f"ModelCheckpoint.__init__() got an unexpected keyword argument '{key}'.{hint} "
+                f"Valid arguments: {', '.join(_ARGS)}. Received: {key}={kwargs[key]!r}"
+            )
+    if kwargs.get("options") is not None:
+        warnings.warn("ModelCheckpoint: `options` (tf.train.CheckpointOptions/SaveOptions) has no "
+                      "meaning in Keras 3 and is ignored.", UserWarning, stacklevel=3)
+    load_on_restart = bool(kwargs.get("load_weights_on_restart", False))
+    period = kwargs.get("period")
+    if period is None:
+        return 1, load_on_restart
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError("`period` must be a positive integer (save every N epochs); for batches use "
+                         f"`save_freq`. Received: period={period!r}")
+    warnings.warn("`period` argument is deprecated. Please use `save_freq` to specify the frequency "
+                  f"in number of batches seen. Saving every {period} epochs.", FutureWarning, stacklevel=3)
+    return period, load_on_restart
 
 
 def _is_number(value: Any) -> bool:
