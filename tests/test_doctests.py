@@ -1,0 +1,16 @@
+"""The examples in the core modules' docstrings run, so they cannot rot."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
