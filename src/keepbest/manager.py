@@ -108,17 +108,29 @@ class Checkpoint:
         return sum(f.size for f in self.manifest.files)
 
 
+def best_by(manifests: Sequence[Manifest], metric: str, mode: str | None = None) -> Manifest | None:
+    """The best of the manifests that recorded ``metric`` as their monitor.
+
+    ``mode`` defaults to the one the newest of them recorded (a restart that
+    has not resolved an "auto" mode yet). NaN and inf never win.
+    """
+    scored = sorted((m for m in manifests if m.monitor and m.monitor.name == metric), key=lambda m: m.created)
+    if not scored:
+        return None
+    found = best_candidate([Candidate(m.name, m.created, m.monitor_value) for m in scored],
+                           mode or scored[-1].monitor.mode)  # type: ignore[union-attr]
+    return next((m for m in scored if found is not None and m.name == found.key), None)
+
+
 def mark_best(manifests: Sequence[Manifest], root: Path) -> list[Checkpoint]:
     """Checkpoints in commit order; within each series the best by its own monitor is marked."""
     best_keys: set[str] = set()
     for series in {m.series for m in manifests}:
-        members = [m for m in manifests if m.series == series and m.monitor is not None]
-        for name, mode in {(m.monitor.name, m.monitor.mode) for m in members if m.monitor}:
-            cands = [Candidate(m.name, m.created, m.monitor_value) for m in members
-                     if m.monitor and m.monitor.name == name]
-            best = best_candidate(cands, mode)
+        members = [m for m in manifests if m.series == series]
+        for metric in {m.monitor.name for m in members if m.monitor}:
+            best = best_by(members, metric)
             if best is not None:
-                best_keys.add(best.key)
+                best_keys.add(best.name)
     ordered = sorted(manifests, key=lambda m: (m.created, m.name))
     return [Checkpoint(m, root / m.name, m.name in best_keys) for m in ordered]
 
@@ -196,33 +208,28 @@ class CheckpointManager:
     # -- reading ----------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
         """This series' committed checkpoints, oldest first; ``is_best`` by this manager's monitor."""
-        mine = [m for m in self.store.list().manifests if m.series == self.series]
-        best = self._best_manifest(mine)
+        return self._as_checkpoints(self._mine())
+
+    def _mine(self) -> list[Manifest]:
+        return [m for m in self.store.list().manifests if m.series == self.series]
+
+    def _as_checkpoints(self, manifests: Sequence[Manifest]) -> list[Checkpoint]:
+        best = best_by(manifests, self.monitor.name, self.monitor.mode) if self.monitor else None
         return [Checkpoint(m, self.store.root / m.name, best is not None and m.name == best.name)
-                for m in sorted(mine, key=lambda m: (m.created, m.name))]
+                for m in sorted(manifests, key=lambda m: (m.created, m.name))]
 
     def _value(self, m: Manifest) -> float | None:
         if self.monitor is None or m.monitor is None or m.monitor.name != self.monitor.name:
             return None
         return m.monitor_value
 
-    def _best_manifest(self, manifests: Sequence[Manifest]) -> Manifest | None:
-        if self.monitor is None:
-            return None
-        found = best_candidate([Candidate(m.name, m.created, self._value(m)) for m in manifests], self.monitor.mode)
-        return next((m for m in manifests if found and m.name == found.key), None)
-
     def recorded_best(self, metric: str) -> Checkpoint | None:
         """This series' best checkpoint by ``metric``, in the mode its manifests recorded.
 
         Used on restart, before the caller has resolved an ``"auto"`` mode.
         """
-        mine = [c for c in self.checkpoints() if c.manifest.monitor and c.manifest.monitor.name == metric]
-        if not mine:
-            return None
-        mode = mine[-1].manifest.monitor.mode  # type: ignore[union-attr]
-        found = best_candidate([Candidate(c.name, c.manifest.created, c.manifest.monitor_value) for c in mine], mode)
-        return next((c for c in mine if found is not None and c.name == found.key), None)
+        best = best_by(self._mine(), metric)
+        return None if best is None else Checkpoint(best, self.store.root / best.name, True)
 
     @property
     def latest(self) -> Checkpoint | None:
@@ -303,22 +310,24 @@ class CheckpointManager:
             self.store.discard(staged)
             raise
         committed = self.store.commit(staged, manifest.with_files(entries))
-        self.prune(protect=frozenset({name}))
-        return next((c for c in self.checkpoints() if c.name == name),
+        # One listing serves retention and the returned checkpoint; the new one is never pruned,
+        # even if the clock went back.
+        kept = self._prune(self._mine(), protect=name)
+        return next((c for c in self._as_checkpoints(kept) if c.name == name),
                     Checkpoint(committed, self.store.root / name))
 
-    def prune(self, protect: frozenset[str] = frozenset()) -> list[str]:
-        """Deletes this series' checkpoints that no retention rule keeps; returns their names.
+    def prune(self) -> list[str]:
+        """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
+        mine = self._mine()
+        kept = {m.name for m in self._prune(mine)}
+        return [m.name for m in sorted(mine, key=lambda m: m.created) if m.name not in kept]
 
-        ``protect`` names checkpoints kept whatever the rules say (``save``
-        protects the one it just committed, even if the clock went back).
-        """
+    def _prune(self, mine: list[Manifest], protect: str | None = None) -> list[Manifest]:
+        """Deletes, oldest first, what the rules drop from ``mine``; returns the rest."""
         if not self.keep:
-            return []
-        mine = [m for m in self.store.list().manifests if m.series == self.series]
+            return mine
         cands = [Candidate(m.name, m.created, self._value(m)) for m in mine]
-        keep = retained(cands, self.keep, self.monitor.mode if self.monitor else None) | protect
-        doomed = sorted((m for m in mine if m.name not in keep), key=lambda m: m.created)
-        for m in doomed:
+        keep = retained(cands, self.keep, self.monitor.mode if self.monitor else None) | {protect}
+        for m in sorted((m for m in mine if m.name not in keep), key=lambda m: m.created):
             self.store.delete(m)
-        return [m.name for m in doomed]
+        return [m for m in mine if m.name in keep]
