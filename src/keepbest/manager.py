@@ -138,10 +138,8 @@ def mark_best(manifests: Sequence[Manifest], root: Path) -> list[Checkpoint]:
 def find_checkpoints(path: str | os.PathLike[str]) -> tuple[LocalStore, list[Checkpoint]]:
     """The checkpoints at ``path``: a checkpoint folder itself, or a folder holding checkpoints."""
     p = Path(path)
-    if (p / MANIFEST_NAME).is_file():
-        store = LocalStore(p.parent)
-        return store, [c for c in mark_best(store.list().manifests, p.parent) if c.name == p.name]
-    if p.is_file():  # a Keras file; its manifest lives in the index beside it
+    # One checkpoint: a folder with its manifest inside, or a Keras file indexed beside it.
+    if (p / MANIFEST_NAME).is_file() or p.is_file():
         store = LocalStore(p.parent)
         return store, [c for c in mark_best(store.list().manifests, p.parent) if c.name == p.name]
     store = LocalStore(p)
