@@ -5,13 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import os
 import sys
 from pathlib import Path
-
-_CHUNK = 8 << 20
-
 
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -56,17 +52,6 @@ def write_durably(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """Size in bytes and sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def _start_time(pid: int) -> str | None:

@@ -49,7 +49,7 @@ def _verify(args: argparse.Namespace) -> int:
             bad += 1
             print(f"CORRUPT {c.name}: {e}")
         else:
-            print(f"ok      {c.name} ({len(c.manifest.files)} file(s), sha256 verified)")
+            print(f"ok      {c.name} ({len(c.manifest.files)} file(s), digests verified)")
     for err in store.list().errors:
         bad += 1
         print(f"CORRUPT {err}")

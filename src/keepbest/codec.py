@@ -17,21 +17,24 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+import threading
 from typing import Any, Mapping
 
 import numpy as np
 
+from keepbest import _digest
 from keepbest.errors import CorruptCheckpointError
 
 # Headers larger than this are not something keepbest wrote; refusing them
 # avoids allocating whatever a damaged length field claims.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_WRITE_BYTES = 64 << 20  # one write() call; well under Linux's 2 GiB cap per call
+_PARALLEL_HASH_BYTES = 4 << 20  # below this a hashing thread costs more than it saves
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -86,22 +89,43 @@ def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
 
 def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
                metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Writes ``tensors`` to ``path``; returns (size, sha256) of what was written.
+    """Writes ``tensors`` to ``path``; returns (size, BLAKE3 digest) of what was written.
 
-    The hash is computed from the bytes as they are written, so the file is
-    never read back. The caller owns fsync and the atomic rename.
+    The digest is computed from the same memory as the write, on a second
+    thread while the write proceeds, so the file is never read back and
+    hashing costs no wall time. The caller owns fsync and the atomic rename,
+    and must not modify the arrays until this returns.
     """
     head, arrays = _header(tensors, metadata)
-    h = hashlib.sha256(head)
-    size = len(head)
-    with open(path, "wb") as f:
-        f.write(head)
-        for arr in arrays:
-            view = arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
-            h.update(view)
-            f.write(view)
-            size += view.nbytes
+    pieces = [memoryview(head)] + [arr.reshape(-1).view(np.uint8).data for arr in arrays if arr.size]
+    size = sum(p.nbytes for p in pieces)
+    h = _digest.new()
+    hashing = threading.Thread(target=_hash_all, args=(h, pieces), name="keepbest-hash") \
+        if size >= _PARALLEL_HASH_BYTES else None
+    if hashing is None:
+        _hash_all(h, pieces)
+    else:
+        hashing.start()  # BLAKE3 releases the GIL, so it runs beside the writes
+    try:
+        with open(path, "wb", buffering=0) as f:
+            for piece in pieces:
+                for begin in range(0, piece.nbytes, _WRITE_BYTES):
+                    _write_all(f, piece[begin : begin + _WRITE_BYTES])
+    finally:
+        if hashing is not None:
+            hashing.join()
     return size, h.hexdigest()
+
+
+def _hash_all(h: Any, pieces: list[memoryview]) -> None:
+    for piece in pieces:
+        h.update(piece)
+
+
+def _write_all(f: Any, view: memoryview) -> None:
+    while view.nbytes:
+        written = f.write(view)
+        view = view[written:]
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:

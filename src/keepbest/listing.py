@@ -71,6 +71,6 @@ def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
             "best": c.is_best,
             "size": c.size,
             "created": m.created,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
+            "files": [{"path": f.path, "size": f.size, f.algorithm: f.digest} for f in m.files],
         })
     return out

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,17 +24,29 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from keepbest import __version__, codec
+from keepbest import __version__, _digest, codec
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
 from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, best_candidate, retained
 from keepbest.storage import INDEX_DIR, MANIFEST_NAME, LocalStore
+from keepbest.writer import AsyncWriter, SaveHandle
 
 STATE_FILE = "state.safetensors"
 
 
 class Payload(Protocol):
-    """Something that writes one checkpoint's bytes into a staged path."""
+    """Something that writes one checkpoint's bytes into a staged path.
+
+    A *detached* payload holds its own copy of the state (a snapshot), so its
+    ``write`` may run on the writer thread after ``save_async`` returned; any
+    other payload is written on the caller's thread and only the commit
+    (fsync, hashing where needed, rename, retention) runs in the background.
+    """
+
+    @property
+    def detached(self) -> bool:
+        """True when ``write`` reads nothing the caller may still change."""
+        ...
 
     @property
     def layout(self) -> str:
@@ -61,17 +72,20 @@ class TensorPayload:
     metadata: Mapping[str, Mapping[str, str]] | None = None
     format: str = "tensors"
     layout: str = "dir"
+    detached: bool = False
 
     def write(self, target: Path) -> tuple[FileEntry, ...]:
         target.mkdir()
         entries = []
         for fname, tensors in self.tensors.items():
             size, digest = codec.write_file(target / fname, tensors, (self.metadata or {}).get(fname))
-            entries.append(FileEntry(path=fname, size=size, sha256=digest))
+            entries.append(FileEntry(path=fname, size=size, digest=digest))
         for fname, doc in (self.json_files or {}).items():
             data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
             (target / fname).write_bytes(data)
-            entries.append(FileEntry(path=fname, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+            h = _digest.new()
+            h.update(data)
+            entries.append(FileEntry(path=fname, size=len(data), digest=h.hexdigest()))
         return tuple(sorted(entries, key=lambda e: e.path))
 
 
@@ -179,6 +193,9 @@ class CheckpointManager:
             always kept.
         series: groups the checkpoints this manager owns, so several writers
             can share a directory without pruning each other's files.
+        writer: the background writer to use (several managers may share one,
+            so that one training loop has one save in flight); by default the
+            manager has its own.
 
     The best value and retention state are not stored separately: they are
     recomputed from the committed manifests, so a new manager on an existing
@@ -187,7 +204,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
-                 keep: Sequence[KeepRule] = (), series: str = "ckpt") -> None:
+                 keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None) -> None:
         if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
             raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
         if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
@@ -197,6 +214,7 @@ class CheckpointManager:
         self.monitor = monitor
         self.keep = tuple(keep)
         self.series = series
+        self.writer = writer or AsyncWriter()
         self.recovery = self.store.recover() if self.store.root.is_dir() else None
 
     @property
@@ -211,13 +229,15 @@ class CheckpointManager:
     def _mine(self) -> list[Manifest]:
         return [m for m in self.store.list().manifests if m.series == self.series]
 
-    def _as_checkpoints(self, manifests: Sequence[Manifest]) -> list[Checkpoint]:
-        best = best_by(manifests, self.monitor.name, self.monitor.mode) if self.monitor else None
+    def _as_checkpoints(self, manifests: Sequence[Manifest], monitor: Monitor | None = None) -> list[Checkpoint]:
+        monitor = monitor or self.monitor
+        best = best_by(manifests, monitor.name, monitor.mode) if monitor else None
         return [Checkpoint(m, self.store.root / m.name, best is not None and m.name == best.name)
                 for m in sorted(manifests, key=lambda m: (m.created, m.name))]
 
-    def _value(self, m: Manifest) -> float | None:
-        if self.monitor is None or m.monitor is None or m.monitor.name != self.monitor.name:
+    def _value(self, m: Manifest, monitor: Monitor | None = None) -> float | None:
+        monitor = monitor or self.monitor
+        if monitor is None or m.monitor is None or m.monitor.name != monitor.name:
             return None
         return m.monitor_value
 
@@ -275,13 +295,49 @@ class CheckpointManager:
              batch: int | None = None, name: str | None = None,
              extra: Mapping[str, Any] | None = None,
              versions: Mapping[str, str] | None = None) -> Checkpoint:
-        """Commits one checkpoint atomically, then applies retention.
+        """Commits one checkpoint atomically, then applies retention; returns it.
 
         ``state`` is a flat mapping of arrays (stored as ``state.safetensors``)
         or a :class:`Payload` that writes its own files. A checkpoint with the
-        same ``name`` is replaced only once the new one is complete.
+        same ``name`` is replaced only once the new one is complete. This is
+        :meth:`save_async` waited for, without the snapshot copy (the caller
+        is blocked, so its arrays cannot change meanwhile).
         """
-        payload: Payload = TensorPayload({STATE_FILE: state}) if isinstance(state, Mapping) else state
+        return self._submit(step, state, snapshot=False, metrics=metrics, epoch=epoch, batch=batch,
+                            name=name, extra=extra, versions=versions).result()
+
+    def save_async(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *,
+                   metrics: Mapping[str, float] | None = None, epoch: int | None = None,
+                   batch: int | None = None, name: str | None = None,
+                   extra: Mapping[str, Any] | None = None,
+                   versions: Mapping[str, str] | None = None) -> SaveHandle[Checkpoint]:
+        """Like :meth:`save`, but returns once the state is copied; the commit runs in the background.
+
+        A mapping of arrays is copied into reusable host buffers before this
+        returns, so the caller may change its arrays right away. The previous
+        save is waited for first (one in flight); its unreported failure is
+        raised here as :class:`~keepbest.errors.AsyncSaveError`.
+        ``handle.result()`` returns the committed :class:`Checkpoint`.
+        """
+        return self._submit(step, state, snapshot=True, metrics=metrics, epoch=epoch, batch=batch,
+                            name=name, extra=extra, versions=versions)
+
+    def wait(self) -> None:
+        """Blocks until no save is in flight; raises an unreported background failure."""
+        self.writer.wait()
+
+    def check(self) -> None:
+        """Raises an unreported failure of a finished background save; never blocks."""
+        self.writer.check()
+
+    def close(self) -> None:
+        """Waits for the save in flight and frees the writer's thread and buffers."""
+        self.writer.close()
+
+    def _submit(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *, snapshot: bool,
+                metrics: Mapping[str, float] | None, epoch: int | None, batch: int | None,
+                name: str | None, extra: Mapping[str, Any] | None,
+                versions: Mapping[str, str] | None) -> SaveHandle[Checkpoint]:
         if name is None and step is None:
             raise ValueError("CheckpointManager.save needs a step or a name to name the checkpoint. "
                              "Received: step=None, name=None")
@@ -292,8 +348,10 @@ class CheckpointManager:
                 "(names starting with '.keepbest'). Pass a name without '/' or '..'. "
                 f"Received: name={name!r}"
             )
+        layout = "dir" if isinstance(state, Mapping) else state.layout
+        fmt = TensorPayload.format if isinstance(state, Mapping) else state.format
         manifest = Manifest(
-            name=name, layout=payload.layout, format=payload.format, series=self.series,
+            name=name, layout=layout, format=fmt, series=self.series,
             step=step, epoch=epoch, batch=batch,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             monitor=MonitorRecord(self.monitor.name, self.monitor.mode) if self.monitor else None,
@@ -301,31 +359,49 @@ class CheckpointManager:
             versions={**environment_versions(), **(versions or {})}, extra=dict(extra or {}),
         )
         _check_readable(manifest)
+        self.writer.wait()  # back-pressure; staging buffers are free again after this
+        if isinstance(state, Mapping):
+            tensors = self.writer.staging.snapshot({STATE_FILE: state})[STATE_FILE] if snapshot else state
+            state = TensorPayload({STATE_FILE: tensors}, detached=True)
+        payload = state
+        written: tuple[Path, tuple[FileEntry, ...]] | None = None
+        if not payload.detached:  # it reads live state: write now, commit in the background
+            written = self._write(name, payload)
+        monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
+
+        def persist() -> Checkpoint:
+            staged, entries = written or self._write(name, payload)
+            committed = self.store.commit(staged, manifest.with_files(entries))
+            # One listing serves retention and the returned checkpoint; the new one is never pruned,
+            # even if the clock went back.
+            kept = self._prune(self._mine(), monitor, keep, protect=name)
+            return next((c for c in self._as_checkpoints(kept, monitor) if c.name == name),
+                        Checkpoint(committed, self.store.root / name))
+
+        return self.writer.submit(str(self.store.root / name), persist)
+
+    def _write(self, name: str, payload: Payload) -> tuple[Path, tuple[FileEntry, ...]]:
         staged = self.store.stage(name)
         try:
-            entries = payload.write(staged)
+            return staged, payload.write(staged)
         except BaseException:
             self.store.discard(staged)
             raise
-        committed = self.store.commit(staged, manifest.with_files(entries))
-        # One listing serves retention and the returned checkpoint; the new one is never pruned,
-        # even if the clock went back.
-        kept = self._prune(self._mine(), protect=name)
-        return next((c for c in self._as_checkpoints(kept) if c.name == name),
-                    Checkpoint(committed, self.store.root / name))
 
     def prune(self) -> list[str]:
         """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
+        self.writer.wait()
         mine = self._mine()
-        kept = {m.name for m in self._prune(mine)}
+        kept = {m.name for m in self._prune(mine, self.monitor, self.keep)}
         return [m.name for m in sorted(mine, key=lambda m: m.created) if m.name not in kept]
 
-    def _prune(self, mine: list[Manifest], protect: str | None = None) -> list[Manifest]:
+    def _prune(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
+               protect: str | None = None) -> list[Manifest]:
         """Deletes, oldest first, what the rules drop from ``mine``; returns the rest."""
-        if not self.keep:
+        if not keep:
             return mine
-        cands = [Candidate(m.name, m.created, self._value(m)) for m in mine]
-        keep = retained(cands, self.keep, self.monitor.mode if self.monitor else None) | {protect}
-        for m in sorted((m for m in mine if m.name not in keep), key=lambda m: m.created):
+        cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
+        kept = retained(cands, keep, monitor.mode if monitor else None) | {protect}
+        for m in sorted((m for m in mine if m.name not in kept), key=lambda m: m.created):
             self.store.delete(m)
-        return [m for m in mine if m.name in keep]
+        return [m for m in mine if m.name in kept]

@@ -1,7 +1,8 @@
 """The JSON manifest that describes one committed checkpoint.
 
 A manifest is the commit record: a checkpoint exists for keepbest exactly
-when its manifest does. It lists every file with its size and sha256, the
+when its manifest does. It lists every file with its size and digest (BLAKE3;
+manifests of keepbest 0.1 used sha256, still read), the
 training position (``step``, ``epoch``, ``batch``), the metrics at save time,
 which metric decides "best" and the versions of what wrote it.
 
@@ -27,7 +28,8 @@ from typing import Any, Mapping
 from keepbest.errors import CorruptCheckpointError
 
 FORMAT = "keepbest/checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file digests are BLAKE3 (version 1 had sha256 only)
+DIGESTS = ("blake3", "sha256")  # what a file entry may carry; the first is what keepbest writes
 LAYOUTS = ("file", "dir")
 MODES = ("min", "max")
 
@@ -40,7 +42,8 @@ class FileEntry:
 
     path: str
     size: int
-    sha256: str
+    digest: str
+    algorithm: str = DIGESTS[0]
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Manifest:
             if self.monitor is None
             else {"name": self.monitor.name, "mode": self.monitor.mode},
             "created": self.created,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "files": [{"path": f.path, "size": f.size, f.algorithm: f.digest} for f in self.files],
             "versions": dict(self.versions),
             "extra": dict(self.extra),
         }
@@ -229,10 +232,13 @@ class _Decoder:
         if not is_safe_relative_path(path):
             raise self.fail("a file path escapes the checkpoint directory", path)
         size = self.get(raw, "size", (int,))
-        digest = self.get(raw, "sha256", (str,))
+        algorithms = [a for a in DIGESTS if a in raw]
+        if len(algorithms) != 1:
+            raise self.fail(f"file '{path}' needs exactly one digest ({' or '.join(DIGESTS)})", raw)
+        digest = self.get(raw, algorithms[0], (str,))
         if size < 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise self.fail(f"file '{path}' has an invalid size or sha256", raw)
-        return FileEntry(path=path, size=size, sha256=digest)
+            raise self.fail(f"file '{path}' has an invalid size or {algorithms[0]}", raw)
+        return FileEntry(path=path, size=size, digest=digest, algorithm=algorithms[0])
 
     def strings(self, raw: dict[str, Any]) -> dict[str, str]:
         if not all(isinstance(v, str) for v in raw.values()):

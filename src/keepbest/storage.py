@@ -44,7 +44,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from keepbest import _fs
+from keepbest import _digest, _fs
 from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
 
@@ -151,8 +151,8 @@ class LocalStore:
 
     def _describe(self, staged: Path, layout: str, name: str) -> tuple[FileEntry, ...]:
         if layout == "file":
-            size, digest = _fs.file_digest(staged)
-            return (FileEntry(path=name, size=size, sha256=digest),)
+            size, digest = _digest.of_file(staged)
+            return (FileEntry(path=name, size=size, digest=digest),)
         entries = []
         for dirpath, _dirs, files in os.walk(staged):
             for f in files:
@@ -160,8 +160,8 @@ class LocalStore:
                 rel = p.relative_to(staged).as_posix()
                 if rel == MANIFEST_NAME:
                     continue
-                size, digest = _fs.file_digest(p)
-                entries.append(FileEntry(path=rel, size=size, sha256=digest))
+                size, digest = _digest.of_file(p)
+                entries.append(FileEntry(path=rel, size=size, digest=digest))
         return tuple(sorted(entries, key=lambda e: e.path))
 
     def _publish_file(self, staged: Path, target: Path, manifest: Manifest) -> None:
@@ -268,18 +268,18 @@ class LocalStore:
         for entry in manifest.files:
             path = self.file_path(manifest, entry)
             try:
-                size, digest = _fs.file_digest(path)
+                size, digest = _digest.of_file(path, entry.algorithm)
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"Checkpoint {manifest.name} is incomplete: file {path} is missing. "
                     "Restore it from a copy or delete the checkpoint. Received: missing file"
                 ) from None
-            if size != entry.size or digest != entry.sha256:
+            if size != entry.size or digest != entry.digest:
                 raise CorruptCheckpointError(
                     f"Checkpoint {manifest.name} is corrupt: file {path} does not match its manifest "
                     "(it was truncated or modified after it was committed). Load another "
-                    f"checkpoint or restore the file. Received: size={size} sha256={digest[:16]}..., "
-                    f"expected size={entry.size} sha256={entry.sha256[:16]}..."
+                    f"checkpoint or restore the file. Received: size={size} {entry.algorithm}={digest[:16]}..., "
+                    f"expected size={entry.size} {entry.algorithm}={entry.digest[:16]}..."
                 )
 
     # -- crash recovery ----------------------------------------------------------
@@ -331,7 +331,7 @@ class LocalStore:
             intent = Manifest.from_json(pending.read_bytes(), source=str(pending))
             data = self.entry_path(name)
             matches = len(intent.files) == 1 and data.is_file() and \
-                _fs.file_digest(data) == (intent.files[0].size, intent.files[0].sha256)
+                _digest.of_file(data, intent.files[0].algorithm) == (intent.files[0].size, intent.files[0].digest)
         except CorruptCheckpointError:
             matches = False
         if matches:  # the data rename happened: finish the commit

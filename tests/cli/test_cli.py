@@ -40,7 +40,7 @@ def test_ls_json_carries_metrics_best_and_files(run_dir):
     doc = json.loads(result.stdout)
     assert [(d["epoch"], d["best"], d["metrics"]["val_loss"]) for d in doc] == [(2, True, 1.0), (4, False, 4.0),
                                                                                (5, False, 5.0)]
-    assert doc[0]["files"][0]["path"] == "state.safetensors" and len(doc[0]["files"][0]["sha256"]) == 64
+    assert doc[0]["files"][0]["path"] == "state.safetensors" and len(doc[0]["files"][0]["blake3"]) == 64
 
 
 def test_ls_of_a_single_checkpoint_folder_lists_only_it(run_dir):

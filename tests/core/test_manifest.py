@@ -146,10 +146,11 @@ def _set(doc, dotted, value):
         ("files", {}, "field 'files' must be list"),
         ("files.0", "state.safetensors", "each entry of 'files' must be an object"),
         ("files.0.size", "123", "field 'size' must be int"),
-        ("files.0.size", -1, "file 'state.safetensors' has an invalid size or sha256"),
-        ("files.0.sha256", "AB" * 32, "invalid size or sha256"),  # upper case is not what we write
-        ("files.0.sha256", "ab" * 31, "invalid size or sha256"),
-        ("files.0.sha256", "zz" * 32, "invalid size or sha256"),
+        ("files.0.size", -1, "file 'state.safetensors' has an invalid size or blake3"),
+        ("files.0.blake3", "AB" * 32, "invalid size or blake3"),  # upper case is not what we write
+        ("files.0.blake3", "ab" * 31, "invalid size or blake3"),
+        ("files.0.blake3", "zz" * 32, "invalid size or blake3"),
+        ("files.0.sha256", "ab" * 32, "needs exactly one digest"),  # two digests: which one counts?
         ("versions", {"keepbest": 1}, "'versions' values must be strings"),
         ("extra", [], "field 'extra' must be dict"),
     ],
@@ -300,3 +301,19 @@ def test_from_json_of_mutated_manifest_decodes_or_raises_corrupt(path, delete, v
     else:
         target[path[-1]] = value
     _decodes_or_raises_corrupt(json.dumps(doc).encode("utf-8"))
+
+
+def test_from_json_reads_a_version_1_manifest_with_sha256_digests():
+    doc = valid_doc()
+    doc["format_version"] = 1
+    for f in doc["files"]:
+        f["sha256"] = f.pop("blake3")
+    m = decode_doc(doc)
+    assert [(f.algorithm, f.digest) for f in m.files] == [("sha256", f["sha256"]) for f in doc["files"]]
+
+
+def test_from_json_rejects_a_file_without_a_digest():
+    doc = valid_doc()
+    del doc["files"][0]["blake3"]
+    with pytest.raises(CorruptCheckpointError, match="needs exactly one digest"):
+        decode_doc(doc)

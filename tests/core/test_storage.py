@@ -155,21 +155,21 @@ def assert_only_version(store, layout, name, version):
 # --- commit and list ------------------------------------------------------------------------------
 
 
-def test_commit_file_entry_lists_it_with_size_and_sha256(tmp_path):
+def test_commit_file_entry_lists_it_with_size_and_blake3(tmp_path):
     store = LocalStore(tmp_path)
     commit_file(store, "model.keras", b"12345")
     (m,) = listed(store)
     assert (m.name, m.layout, m.files) == ("model.keras", "file", (
-        FileEntry("model.keras", 5, "5994471abb01112afcc18159f6cc74b4f511b99806da59b3caf5a9c173cacfc5"),))
+        FileEntry("model.keras", 5, "86f2d80abe9c3f7b4a1a57a8d1130fa8dc08c81604833ce1212dc039b010d9e4"),))
 
 
-def test_commit_dir_entry_lists_every_file_with_size_and_sha256(tmp_path):
+def test_commit_dir_entry_lists_every_file_with_size_and_blake3(tmp_path):
     store = LocalStore(tmp_path)
     commit_dir(store, "ckpt-1", {"a.bin": b"12345", "sub/b.bin": b""})
     (m,) = listed(store)
     assert (m.name, m.layout, m.files) == ("ckpt-1", "dir", (
-        FileEntry("a.bin", 5, "5994471abb01112afcc18159f6cc74b4f511b99806da59b3caf5a9c173cacfc5"),
-        FileEntry("sub/b.bin", 0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+        FileEntry("a.bin", 5, "86f2d80abe9c3f7b4a1a57a8d1130fa8dc08c81604833ce1212dc039b010d9e4"),
+        FileEntry("sub/b.bin", 0, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"),
     ))
 
 

@@ -1,0 +1,214 @@
+"""Background persistence: one writer thread, one save in flight, errors that surface.
+
+The caller snapshots what it saves into host memory (into reusable
+:class:`Staging` buffers), then hands the slow part (writing, fsync, commit,
+retention) to :meth:`AsyncWriter.submit`. At most one save is in flight: the
+next one first waits for the previous one (back-pressure, so memory stays
+bounded and checkpoints commit in order). A failure in the background is
+never swallowed: :meth:`SaveHandle.result` raises it as it was, and if
+nobody asked for it, the next ``submit``, ``check``, ``wait`` or ``close``
+raises :class:`~keepbest.errors.AsyncSaveError` naming the save and the cause.
+
+Example:
+    >>> writer = AsyncWriter()
+    >>> handle = writer.submit("demo", lambda: 41 + 1)
+    >>> handle.result()
+    42
+    >>> failing = writer.submit("ckpt-7", lambda: 1 / 0)
+    >>> writer.wait()
+    Traceback (most recent call last):
+    ...
+    keepbest.errors.AsyncSaveError: Background save of ckpt-7 failed: ZeroDivisionError: division by zero. ...
+    >>> writer.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
+import numpy as np
+
+from keepbest.errors import AsyncSaveError
+
+T = TypeVar("T")
+
+
+class SaveHandle(Generic[T]):
+    """A save handed to the background writer.
+
+    ``result()`` waits for it and returns its value, or raises its error as it
+    was raised (which counts as reported: the writer will not raise it again).
+    """
+
+    def __init__(self, description: str, future: Future[T]) -> None:
+        self.description = description
+        self._future = future
+        self.reported = False
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            if self._future.done():
+                self.reported = True
+            raise
+
+    def error(self) -> BaseException | None:
+        """The failure of a finished save, else None (never blocks)."""
+        if not self._future.done() or self._future.cancelled():
+            return None
+        return self._future.exception()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self.error() else "committed")
+        return f"SaveHandle({self.description!r}, {state})"
+
+
+class AsyncWriter:
+    """Runs saves on one background thread, at most one at a time.
+
+    Use one writer from one training loop. ``close()`` waits for the save in
+    flight, stops the thread and frees the staging buffers; a closed writer
+    starts again on the next ``submit``.
+    """
+
+    def __init__(self) -> None:
+        self.staging = Staging()
+        self._executor: ThreadPoolExecutor | None = None
+        self._last: SaveHandle[Any] | None = None
+        self._lock = threading.Lock()
+        _live_writers.add(self)
+
+    @property
+    def in_flight(self) -> SaveHandle[Any] | None:
+        """The save that has not finished yet, if any."""
+        last = self._last
+        return last if last is not None and not last.done() else None
+
+    def submit(self, description: str, job: Callable[[], T]) -> SaveHandle[T]:
+        """Runs ``job`` in the background once the previous save has finished.
+
+        Raises the previous save's unreported failure instead of starting this one.
+        """
+        with self._lock:
+            self.wait()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepbest-writer")
+            handle: SaveHandle[T] = SaveHandle(description, self._executor.submit(job))
+            self._last = handle
+            return handle
+
+    def check(self) -> None:
+        """Raises the failure of a finished background save not yet reported; never blocks."""
+        last = self._last
+        if last is None or last.reported:
+            return
+        error = last.error()
+        if error is not None:
+            last.reported = True
+            raise AsyncSaveError(
+                f"Background save of {last.description} failed: {type(error).__name__}: {error}. "
+                "The checkpoints committed before it are intact. Fix the cause and save again. "
+                f"Received: {error!r}"
+            ) from error
+
+    def wait(self) -> None:
+        """Blocks until no save is in flight; raises an unreported background failure."""
+        last = self._last
+        if last is not None:
+            last._future.exception()  # waits without raising; check() decides
+        self.check()
+
+    def close(self) -> None:
+        """Waits for the save in flight, stops the thread and frees the staging buffers."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self.staging.release()
+
+    def __enter__(self) -> "AsyncWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Staging:
+    """Host buffers that snapshots are copied into, reused from one save to the next.
+
+    Safe because a writer has one save in flight and the next snapshot is
+    taken only after it finished. Costs one host copy of the saved state
+    while allocated; :meth:`release` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values())
+
+    def snapshot(self, sources: Mapping[str, Mapping[str, Any]],
+                 spec: Callable[[Any], tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
+                 copy: Callable[[np.ndarray, Any], None] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Copies ``{file: {tensor: source}}`` into staging buffers; returns the copies.
+
+        ``spec(source)`` gives a source's shape and dtype and ``copy(dst, source)``
+        fills a buffer (a framework's fastest host copy); both default to NumPy.
+        Buffers of tensors absent from this snapshot are freed.
+        """
+        spec = spec or _numpy_spec
+        copy = copy or _numpy_copy
+        out: dict[str, dict[str, np.ndarray]] = {}
+        used = set()
+        for fname, tensors in sources.items():
+            out[fname] = {}
+            for name, src in tensors.items():
+                key = f"{fname}\0{name}"
+                used.add(key)
+                shape, dtype = spec(src)
+                buf = self._buffers.get(key)
+                if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+                    buf = self._buffers[key] = np.empty(shape, dtype)
+                copy(buf, src)
+                out[fname][name] = buf
+        for key in set(self._buffers) - used:
+            del self._buffers[key]
+        return out
+
+    def release(self) -> None:
+        self._buffers.clear()
+
+
+def _numpy_spec(src: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    arr = np.asarray(src)
+    return arr.shape, arr.dtype
+
+
+def _numpy_copy(dst: np.ndarray, src: Any) -> None:
+    np.copyto(dst, np.asarray(src), casting="no")
+
+
+# A failure that nobody collected before the interpreter exits is printed, never lost silently.
+# (Pending saves finish first: the writer thread is joined before atexit handlers run.)
+_live_writers: "weakref.WeakSet[AsyncWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _report_uncollected() -> None:
+    for writer in list(_live_writers):
+        try:
+            writer.check()
+        except AsyncSaveError as e:
+            print(f"keepbest: {e}", file=sys.stderr, flush=True)
