@@ -18,6 +18,7 @@ from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
 from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, batches_advanced, check_mode, epoch_is_due, resolve_mode
+from keepbest.writer import AsyncWriter, SaveHandle
 
 try:  # Keras's own printer honours keras.config.disable_interactive_logging()
     from keras.src.utils.io_utils import print_msg as _print_msg
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover - a future Keras moved it
         print(message, flush=True)
 
 _ARGS = ("filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
-         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta")
+         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta", "async_save")
 _LEGACY = ("period", "options", "load_weights_on_restart")
 
 
@@ -56,6 +57,14 @@ class ModelCheckpoint(keras.callbacks.Callback):
         keep_best: keep only the best K checkpoints by ``monitor``. Combined
             with ``keep_last``, a checkpoint is kept if either wants it.
         min_delta: smallest change of ``monitor`` that counts as improvement.
+        async_save: for a keepbest checkpoint folder, copy the state into host
+            memory and return to training at once; writing, fsync, commit and
+            retention run on a background thread, one save at a time. A
+            background failure is raised at the next batch, the next save or
+            the end of ``fit``. Keras's own file formats (``.keras``, ``.h5``)
+            are still written on the training thread (Keras's writers read the
+            live model); only their fsync, hashing and commit move to the
+            background.
 
     Example:
         >>> checkpoint = ModelCheckpoint("ckpt/epoch{epoch:02d}.keras", monitor="val_loss",
@@ -67,7 +76,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
                  save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
-                 **kwargs: Any) -> None:
+                 async_save: bool = False, **kwargs: Any) -> None:
         super().__init__()
         self._epoch_period, self._load_on_restart = _legacy_kwargs(kwargs)
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
@@ -97,6 +106,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self.keep_last = _positive_int_or_none("keep_last", keep_last)
         self.keep_best = _positive_int_or_none("keep_best", keep_best)
         self.min_delta = abs(float(min_delta))
+        if not isinstance(async_save, bool):
+            raise TypeError(f"`async_save` must be True or False. Received: async_save={async_save!r}")
+        self.async_save = async_save
+        self._writer = AsyncWriter()  # shared by every folder this callback saves into: one save in flight
+        self._pending: tuple[SaveHandle[Any], int, str] | None = None
         self._keep: tuple[KeepRule, ...] = tuple(
             r for r in (KeepLast(keep_last) if keep_last else None, KeepBest(keep_best) if keep_best else None) if r
         )
@@ -135,6 +149,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._poll()
         if not self._monitor_checked:
             self._check_monitor(logs or {}, final=False)
         if self.save_freq == "epoch":
@@ -146,10 +161,26 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._save_model(epoch=self._current_epoch, batch=batch, logs=logs)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._poll()
         if not self._monitor_checked:
             self._check_monitor(logs or {}, final=True)
         if self.save_freq == "epoch" and epoch_is_due(epoch, self._epoch_period):
             self._save_model(epoch=epoch, batch=None, logs=logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        try:
+            self._writer.close()  # the last save commits (or its failure is raised) before fit returns
+        finally:
+            self._poll()
+
+    def _poll(self) -> None:
+        """Raises a failed background save's error; reports a finished one (verbose)."""
+        self._writer.check()
+        if self._pending is not None and self._pending[0].done():
+            _handle, epoch, filepath = self._pending
+            self._pending = None
+            if self.verbose > 0:
+                _print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
     # -- monitor --------------------------------------------------------------------
     @property
@@ -220,7 +251,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if root not in self._managers:
             # Monitor and rules are attached at save time: an "auto" mode is resolved only once
             # the model's metrics exist.
-            self._managers[root] = CheckpointManager(root or ".", series=os.path.basename(self.filepath))
+            self._managers[root] = CheckpointManager(root or ".", series=os.path.basename(self.filepath),
+                                                     writer=self._writer)
         return self._managers[root]
 
     def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -287,18 +319,22 @@ class ModelCheckpoint(keras.callbacks.Callback):
             return
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
-        try:
-            mgr.save(
-                self._step(), _formats.payload_for(self.model, self.format), name=name,
-                metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
-                epoch=epoch + 1, batch=None if batch is None else batch + 1,
-                versions=_formats.keras_versions(),
-                extra={"save_weights_only": self.save_weights_only, "filepath_template": self.filepath},
-            )
-        except IsADirectoryError:
+        if _formats.is_keras_file(self.format) and os.path.isdir(filepath):
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
-                          f"is an existing directory: {filepath}") from None
-        if self.verbose > 0:
+                          f"is an existing directory: {filepath}")
+        staging = self._writer.staging if self.async_save else None
+        save = mgr.save_async if self.async_save else mgr.save
+        outcome = save(
+            self._step(), _formats.payload_for(self.model, self.format, staging), name=name,
+            metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
+            epoch=epoch + 1, batch=None if batch is None else batch + 1,
+            versions=_formats.keras_versions(),
+            extra={"save_weights_only": self.save_weights_only, "filepath_template": self.filepath},
+        )
+        if isinstance(outcome, SaveHandle):
+            self._poll()  # the previous save finished before this one was accepted: report it
+            self._pending = (outcome, epoch, filepath)
+        elif self.verbose > 0:
             _print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
     def _would_overwrite_best(self, mgr: CheckpointManager, name: str, logs: dict[str, Any]) -> bool:
@@ -310,6 +346,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         """
         if self.save_best_only or self._monitor is None or not _has_placeholders(os.path.basename(self.filepath)):
             return False
+        mgr.wait()  # the save in flight may be the best
         best = mgr.best
         if best is None or best.name != name:
             return False

@@ -22,6 +22,7 @@ import keras
 from keepbest.keras import _state
 from keepbest.manager import TensorPayload
 from keepbest.manifest import FileEntry
+from keepbest.writer import Staging
 
 KERAS = "keras"
 WEIGHTS_H5 = "weights.h5"
@@ -65,6 +66,7 @@ class KerasFilePayload:
     model: keras.Model
     format: str
     layout: str = "file"
+    detached: bool = False  # Keras's writers read the live model: always written on the caller's thread
 
     def write(self, target: Path) -> tuple[FileEntry, ...]:
         if self.format == KERAS or self.format == LEGACY_H5:
@@ -84,21 +86,27 @@ def _write_legacy_weights(model: keras.Model, target: Path) -> None:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
-def keepbest_payload(model: keras.Model, weights_only: bool) -> TensorPayload:
-    """A keepbest checkpoint folder: tensors, plus the config for ``load_model``."""
-    files = _state.model_tensors(model)
+def keepbest_payload(model: keras.Model, weights_only: bool, staging: Staging | None = None) -> TensorPayload:
+    """A keepbest checkpoint folder: tensors, plus the config for ``load_model``.
+
+    With ``staging`` the tensors are a snapshot, so the payload may be written
+    in the background while training goes on.
+    """
+    files = _state.model_tensors(model, staging)
     metadata = {_state.WEIGHTS_FILE: _state.order_metadata(model.weights)}
     if _state.OPTIMIZER_FILE in files:
         metadata[_state.OPTIMIZER_FILE] = _state.order_metadata(model.optimizer.variables)
     config = None if weights_only else {_state.CONFIG_FILE: _state.model_config(model)}
     return TensorPayload(files, json_files=config, metadata=metadata,
-                         format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST)
+                         format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST, detached=staging is not None)
 
 
-def payload_for(model: keras.Model, fmt: str) -> KerasFilePayload | TensorPayload:
+def payload_for(model: keras.Model, fmt: str, staging: Staging | None = None) -> KerasFilePayload | TensorPayload:
+    """The payload that writes ``model`` in format ``fmt``; a snapshot when ``staging`` is given
+    and the format allows one (Keras's own file formats do not)."""
     if is_keras_file(fmt):
         return KerasFilePayload(model, fmt)
-    return keepbest_payload(model, weights_only=fmt == KEEPBEST_WEIGHTS)
+    return keepbest_payload(model, weights_only=fmt == KEEPBEST_WEIGHTS, staging=staging)
 
 
 def keras_versions() -> dict[str, str]:

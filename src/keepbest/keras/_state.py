@@ -21,7 +21,9 @@ import keras
 import numpy as np
 
 from keepbest import codec
+from keepbest.keras import _host
 from keepbest.errors import CorruptCheckpointError, StateMismatchError
+from keepbest.writer import Staging
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -43,18 +45,26 @@ def unique_paths(variables: Sequence[Any]) -> list[str]:
     return out
 
 
-def to_numpy(variables: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Host copies of ``variables`` keyed by unique path (order kept)."""
-    return {p: np.asarray(keras.ops.convert_to_numpy(v.value)) for p, v in zip(unique_paths(variables), variables)}
+def saved_variables(model: keras.Model) -> dict[str, dict[str, Any]]:
+    """The variables of a keepbest Keras checkpoint, by file and unique path (order kept).
 
-
-def model_tensors(model: keras.Model) -> dict[str, dict[str, np.ndarray]]:
-    """The files of a keepbest Keras checkpoint: weights, and optimizer state when built."""
-    files = {WEIGHTS_FILE: to_numpy(model.weights)}
+    Weights always; optimizer state once the optimizer is built.
+    """
+    groups = {WEIGHTS_FILE: list(model.weights)}
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built and optimizer.variables:
-        files[OPTIMIZER_FILE] = to_numpy(optimizer.variables)
-    return files
+        groups[OPTIMIZER_FILE] = list(optimizer.variables)
+    return {fname: dict(zip(unique_paths(vs), vs)) for fname, vs in groups.items()}
+
+
+def model_tensors(model: keras.Model, staging: Staging | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Host arrays of the saved variables: views (for a save the caller waits for) or,
+    with ``staging``, a snapshot copied into its reusable buffers."""
+    variables = saved_variables(model)
+    if staging is None:
+        return {f: {p: _host.view(v) for p, v in vs.items()} for f, vs in variables.items()}
+    _host.prefetch(v for vs in variables.values() for v in vs.values())
+    return staging.snapshot(variables, spec=_host.spec, copy=_host.copy_into)
 
 
 def order_metadata(variables: Sequence[Any]) -> dict[str, str]:
