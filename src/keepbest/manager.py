@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -277,10 +278,35 @@ class CheckpointManager:
             )
         return ckpts[-1]
 
-    def load(self, step: int | None = None) -> dict[str, np.ndarray]:
-        """The tensors of the latest checkpoint (or of ``step``), verified against the manifest."""
+    def load(self, step: int | None = None, *, fallback: bool = False) -> dict[str, np.ndarray]:
+        """The tensors of the latest checkpoint (or of ``step``), verified against the manifest.
+
+        With ``fallback``, a checkpoint that fails verification is skipped (with
+        a warning) for the next newest one that verifies.
+        """
         ckpt = self.get(step)
-        self.store.verify(ckpt.manifest)
+        candidates = [ckpt] + ([c for c in reversed(self.checkpoints()) if c.name != ckpt.name] if fallback else [])
+        failures: list[CorruptCheckpointError] = []
+        for candidate in candidates:
+            try:
+                self.store.verify(candidate.manifest)
+            except CorruptCheckpointError as e:
+                if not fallback:
+                    raise
+                failures.append(e)
+                continue
+            if failures:
+                warnings.warn(f"Loading {candidate.path} instead of {ckpt.path}, the newest checkpoint that "
+                              f"verifies (fallback=True). Skipped: {' | '.join(map(str, failures))}",
+                              UserWarning, stacklevel=2)
+            return self._tensors(candidate)
+        raise CorruptCheckpointError(
+            f"No checkpoint of series '{self.series}' in {self.directory} verifies, so nothing was loaded "
+            f"(fallback=True tried {len(failures)}). Restore the files from a copy. "
+            f"Received: {' | '.join(map(str, failures))}"
+        )
+
+    def _tensors(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         if STATE_FILE not in {f.path for f in ckpt.manifest.files}:
             raise CheckpointNotFoundError(
                 f"Checkpoint {ckpt.path} holds no {STATE_FILE} (it is a '{ckpt.manifest.format}' "

@@ -630,3 +630,24 @@ def test_deleting_marker_of_a_live_writer_is_not_an_orphan(tmp_path):
     live.write_bytes(b"{}")
     stale.write_bytes(b"{}")
     assert store.orphans() == [stale]
+
+
+def test_verify_checks_sha256_digests_of_keepbest_0_1_manifests(tmp_path):
+    import hashlib
+
+    store = LocalStore(tmp_path)
+    committed = commit_dir(store, "ckpt-1", {"a.bin": b"12345"})
+    old = committed.with_files((FileEntry("a.bin", 5, hashlib.sha256(b"12345").hexdigest(), "sha256"),))
+    store.verify(old)
+    (tmp_path / "ckpt-1" / "a.bin").write_bytes(b"12346")
+    with pytest.raises(CorruptCheckpointError, match=r"a.bin does not match its manifest.*sha256="):
+        store.verify(old)
+
+
+def test_verify_names_a_truncated_file(tmp_path):
+    store = LocalStore(tmp_path)
+    committed = commit_file(store, "m.keras", b"x" * (20 << 20))
+    with open(tmp_path / "m.keras", "r+b") as f:
+        f.truncate(10 << 20)
+    with pytest.raises(CorruptCheckpointError, match=rf"file {tmp_path}/m.keras does not match.*size=10485760"):
+        store.verify(committed)

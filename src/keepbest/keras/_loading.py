@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import keras
 
-from keepbest.errors import CheckpointNotFoundError
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.keras import _formats, _state
-from keepbest.manager import Checkpoint, find_checkpoints
+from keepbest.manager import Checkpoint, find_checkpoints, list_checkpoints
 from keepbest.manifest import Manifest
 from keepbest.storage import INDEX_DIR, MANIFEST_NAME
 
 
-def resolve(path: str | os.PathLike[str]) -> tuple[Path, Checkpoint | None]:
+def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Path, Checkpoint | None]:
     """The checkpoint that ``path`` names, verified against its manifest.
 
     ``path`` may be a Keras file (verified when keepbest wrote it), a keepbest
     checkpoint folder, or a folder of checkpoints (its best one, else its
     newest one). Returns the path to read and the checkpoint (None for a
-    Keras file that keepbest did not write).
+    Keras file that keepbest did not write). With ``fallback``, a checkpoint
+    that fails verification is skipped, with a warning, for the newest one
+    of the same series that verifies.
     """
     p = Path(os.fspath(path))
     own_manifest = p / MANIFEST_NAME if p.is_dir() else p.parent / INDEX_DIR / f"{p.name}.json"
+    damaged: CorruptCheckpointError | None = None
     if own_manifest.is_file():  # a damaged manifest must fail the load, not skip verification
-        Manifest.from_json(own_manifest.read_bytes(), source=str(own_manifest))
+        try:
+            Manifest.from_json(own_manifest.read_bytes(), source=str(own_manifest))
+        except CorruptCheckpointError as e:
+            if not fallback:
+                raise
+            damaged = e
     store, ckpts = find_checkpoints(p)
-    if p.is_file():
+    if p.is_file() or damaged is not None:
         ckpt = ckpts[0] if ckpts else None
     elif p.is_dir() and ckpts:
         best = [c for c in ckpts if c.is_best]
@@ -46,19 +55,48 @@ def resolve(path: str | os.PathLike[str]) -> tuple[Path, Checkpoint | None]:
             f"No checkpoint at {p}: the path {what}. Check the path; a save that was "
             f"interrupted leaves nothing visible. Received: path={p}"
         )
-    if ckpt is not None:
-        store.verify(ckpt.manifest)
-        return ckpt.path, ckpt
-    return p, None
+    if ckpt is None and damaged is None:
+        return p, None
+    failures = [damaged] if damaged is not None else []
+    for candidate in ([ckpt] if ckpt is not None else []) + (_siblings(p, ckpt) if fallback else []):
+        try:
+            store.verify(candidate.manifest)
+        except CorruptCheckpointError as e:
+            if not fallback:
+                raise
+            failures.append(e)
+            continue
+        if failures:
+            warnings.warn(f"Loading {candidate.path} instead of {p}, the newest checkpoint that verifies "
+                          f"(fallback=True). Skipped: {' | '.join(map(str, failures))}", UserWarning, stacklevel=3)
+        return candidate.path, candidate
+    raise CorruptCheckpointError(
+        f"No checkpoint at {p} verifies, so nothing was loaded (fallback=True tried "
+        f"{len(failures)}). Restore the files from a copy. Received: {' | '.join(map(str, failures))}"
+    )
 
 
-def load_weights(model: keras.Model, path: str | os.PathLike[str]) -> None:
+def _siblings(p: Path, ckpt: Checkpoint | None) -> list[Checkpoint]:
+    """Fallback candidates, newest first: the other checkpoints of ``ckpt``'s series
+    (of the whole folder when ``p`` has a damaged manifest and no known series)."""
+    single = (p / MANIFEST_NAME).is_file() or p.is_file()
+    found = list_checkpoints(p.parent if single else p)
+    return [c for c in reversed(found) if c.path != p and (
+        ckpt is None or (c.manifest.series == ckpt.manifest.series and c.name != ckpt.name))]
+
+
+def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: bool = False) -> None:
     """Restores weights (and optimizer state, if the model has an optimizer) in place.
+
+    Every file is verified (size and BLAKE3) before anything is assigned; a
+    keepbest folder is read with mmap and assigned by variable path, all or
+    nothing. ``fallback=True`` loads the newest checkpoint of the same series
+    that verifies when ``path`` does not (with a warning naming what failed).
 
     Example:
         >>> keepbest.keras.load_weights(model, "/tmp/checkpoint")  # doctest: +SKIP
     """
-    target, ckpt = resolve(path)
+    target, ckpt = resolve(path, fallback)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
         _build_optimizer_if_saved(model, target)
         model.load_weights(target)
@@ -104,15 +142,16 @@ def _build_optimizer_if_saved(model: keras.Model, path: Path) -> None:
 
 
 def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | None = None,
-               compile: bool = True, safe_mode: bool = True) -> keras.Model:
+               compile: bool = True, safe_mode: bool = True, *, fallback: bool = False) -> keras.Model:
     """Rebuilds a model from a checkpoint saved with ``save_weights_only=False``.
 
     Keras's safe mode applies: a config never makes Keras run arbitrary code.
+    Files are verified first; ``fallback`` is as in :func:`load_weights`.
 
     Example:
         >>> model = keepbest.keras.load_model("/tmp/checkpoint")  # doctest: +SKIP
     """
-    target, ckpt = resolve(path)
+    target, ckpt = resolve(path, fallback)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
         return keras.models.load_model(target, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     files = {f.path for f in ckpt.manifest.files}

@@ -1,0 +1,196 @@
+"""The background writer: one save in flight, in order, and no failure left unreported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from keepbest.errors import AsyncSaveError
+from keepbest.writer import AsyncWriter, Staging
+
+
+@pytest.fixture
+def writer():
+    w = AsyncWriter()
+    yield w
+    try:
+        w.close()
+    except AsyncSaveError:
+        pass  # a test that leaves a failure unreported checks that itself
+
+
+def failing(message="No space left on device"):
+    def job():
+        raise OSError(28, message)
+    return job
+
+
+def test_result_returns_the_value_of_the_job(writer):
+    assert writer.submit("a", lambda: 42).result() == 42
+
+
+def test_job_runs_on_a_background_thread(writer):
+    assert writer.submit("a", lambda: threading.current_thread().name).result().startswith("keepbest-writer")
+
+
+def test_next_submit_waits_until_the_previous_save_finished(writer):
+    gate, events = threading.Event(), []
+
+    def slow():
+        gate.wait(5)
+        events.append("first done")
+
+    writer.submit("first", slow)
+    second = threading.Thread(target=lambda: writer.submit("second", lambda: events.append("second ran")))
+    second.start()
+    time.sleep(0.2)
+    assert events == [] and second.is_alive()  # back-pressure: still waiting for the first
+    gate.set()
+    second.join(5)
+    writer.wait()
+    assert events == ["first done", "second ran"]
+
+
+def test_in_flight_is_the_unfinished_save(writer):
+    gate = threading.Event()
+    handle = writer.submit("slow", lambda: gate.wait(5))
+    assert writer.in_flight is handle
+    gate.set()
+    writer.wait()
+    assert writer.in_flight is None
+
+
+def test_result_raises_the_original_error(writer):
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.submit("ckpt-1", failing()).result()
+
+
+def test_a_failure_collected_by_result_is_not_raised_again(writer):
+    with pytest.raises(OSError):
+        writer.submit("ckpt-1", failing()).result()
+    writer.wait()
+    writer.check()
+
+
+def test_unreported_failure_is_raised_by_the_next_submit_naming_save_and_cause(writer):
+    writer.submit("runs/a/ckpt-7", failing())
+    ran = []
+    with pytest.raises(AsyncSaveError, match=r"Background save of runs/a/ckpt-7 failed: OSError: .*No space left"):
+        writer.submit("runs/a/ckpt-8", lambda: ran.append(1))
+    writer.wait()
+    assert ran == []  # the next save did not start
+
+
+def test_async_save_error_chains_the_cause(writer):
+    writer.submit("ckpt-1", failing())
+    with pytest.raises(AsyncSaveError) as info:
+        writer.wait()
+    assert isinstance(info.value.__cause__, OSError) and isinstance(info.value, RuntimeError)
+
+
+def test_unreported_failure_is_raised_by_wait_once(writer):
+    writer.submit("ckpt-1", failing())
+    with pytest.raises(AsyncSaveError, match="ckpt-1"):
+        writer.wait()
+    writer.wait()  # reported: not raised twice
+
+
+def test_unreported_failure_is_raised_by_close(writer):
+    writer.submit("ckpt-1", failing())
+    with pytest.raises(AsyncSaveError, match="ckpt-1"):
+        writer.close()
+
+
+def test_check_raises_a_finished_failure(writer):
+    handle = writer.submit("ckpt-1", failing())
+    while not handle.done():
+        time.sleep(0.01)
+    with pytest.raises(AsyncSaveError, match="ckpt-1"):
+        writer.check()
+
+
+def test_check_never_blocks_on_a_save_in_flight(writer):
+    gate = threading.Event()
+    writer.submit("slow", lambda: gate.wait(5))
+    start = time.perf_counter()
+    writer.check()
+    assert time.perf_counter() - start < 0.5
+    gate.set()
+
+
+def test_closed_writer_starts_again_on_submit(writer):
+    writer.submit("a", lambda: 1).result()
+    writer.close()
+    assert writer.submit("b", lambda: 2).result() == 2
+
+
+def test_close_frees_the_staging_buffers(writer):
+    writer.staging.snapshot({"f": {"w": np.ones(1000)}})
+    assert writer.staging.nbytes == 8000
+    writer.close()
+    assert writer.staging.nbytes == 0
+
+
+def test_a_failure_nobody_collected_is_printed_at_exit(tmp_path):
+    script = (
+        "from keepbest.writer import AsyncWriter\n"
+        "w = AsyncWriter()\n"
+        "def job():\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "w.submit('runs/a/ckpt-3', job)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "keepbest: Background save of runs/a/ckpt-3 failed: OSError" in done.stderr
+
+
+def test_a_pending_save_finishes_before_the_interpreter_exits(tmp_path):
+    marker = tmp_path / "committed"
+    script = (
+        "import time\n"
+        "from keepbest.writer import AsyncWriter\n"
+        "w = AsyncWriter()\n"
+        f"w.submit('slow', lambda: (time.sleep(0.5), open({str(marker)!r}, 'w').close()))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert marker.exists()
+
+
+# --- staging buffers --------------------------------------------------------------------------
+
+
+def test_snapshot_is_a_copy_unaffected_by_later_changes():
+    src = np.arange(6.0)
+    snap = Staging().snapshot({"f": {"w": src}})
+    src[:] = -1
+    assert snap["f"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_snapshot_reuses_its_buffers_between_saves():
+    staging = Staging()
+    first = staging.snapshot({"f": {"w": np.zeros((2, 3), np.float32)}})["f"]["w"]
+    second = staging.snapshot({"f": {"w": np.ones((2, 3), np.float32)}})["f"]["w"]
+    assert second is first and second.tolist() == [[1.0] * 3] * 2
+
+
+def test_snapshot_allocates_anew_when_shape_or_dtype_changes():
+    staging = Staging()
+    first = staging.snapshot({"f": {"w": np.zeros(3, np.float32)}})["f"]["w"]
+    assert staging.snapshot({"f": {"w": np.zeros(4, np.float32)}})["f"]["w"] is not first
+    assert staging.snapshot({"f": {"w": np.zeros(4, np.float64)}})["f"]["w"].dtype == np.float64
+
+
+def test_snapshot_frees_buffers_of_tensors_it_no_longer_holds():
+    staging = Staging()
+    staging.snapshot({"f": {"a": np.zeros(100), "b": np.zeros(100)}})
+    staging.snapshot({"f": {"a": np.zeros(100)}})
+    assert staging.nbytes == 800
+
+
+def test_snapshot_keeps_files_apart():
+    snap = Staging().snapshot({"model": {"w": np.zeros(1)}, "optimizer": {"w": np.ones(1)}})
+    assert (snap["model"]["w"].tolist(), snap["optimizer"]["w"].tolist()) == ([0.0], [1.0])
