@@ -173,6 +173,15 @@ class ModelCheckpoint(keras.callbacks.Callback):
         finally:
             self._poll()
 
+    def wait(self) -> None:
+        """Blocks until the save in flight (``async_save=True``) is committed; raises its failure.
+
+        ``fit`` does this when it ends; call it to read a checkpoint that was
+        just requested from the same process.
+        """
+        self._writer.wait()
+        self._poll()
+
     def _poll(self) -> None:
         """Raises a failed background save's error; reports a finished one (verbose)."""
         self._writer.check()

@@ -5,11 +5,15 @@
   training loop is paused, which holds for a synchronous save.
 - ``copy_into``: fills a preallocated buffer (a snapshot for an async
   save): one memcpy on CPU; torch copies straight from the device.
+- ``assign``: sets a variable from a (memory-mapped) array with one copy;
+  Keras's ``Variable.assign`` on torch copies twice (``np.array`` first).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import warnings
 
 import keras
 import numpy as np
@@ -62,3 +66,17 @@ def prefetch(variables: Any) -> None:
         value = v.value
         if getattr(value, "platform", lambda: "cpu")() != "cpu" and hasattr(value, "copy_to_host_async"):
             value.copy_to_host_async()
+
+
+def assign(variable: Any, array: np.ndarray) -> None:
+    """``variable.assign(array)`` for an array of the variable's shape and dtype, copied once."""
+    if _BACKEND == "torch" and array.dtype.kind in "fiub":
+        import torch
+
+        with warnings.catch_warnings():  # a read-only mmap view: torch warns, but only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(array)
+        with torch.no_grad():
+            variable.value.copy_(source)
+        return
+    variable.assign(array)

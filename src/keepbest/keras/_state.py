@@ -131,7 +131,7 @@ def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
             "shapes and dtypes. Received: the mismatches above"
         )
     for _p, arr, v in pairs:
-        v.assign(arr)
+        _host.assign(v, arr)
 
 
 def _take(counts: Counter[str], key: str) -> bool:
