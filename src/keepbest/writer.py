@@ -81,7 +81,7 @@ class AsyncWriter:
     """
 
     def __init__(self) -> None:
-        self.staging = Staging()
+        self.staging = Staging(busy=lambda: self.in_flight is not None)
         self._executor: ThreadPoolExecutor | None = None
         self._last: SaveHandle[Any] | None = None
         self._lock = threading.Lock()
@@ -148,12 +148,14 @@ class Staging:
     """Host buffers that snapshots are copied into, reused from one save to the next.
 
     Safe because a writer has one save in flight and the next snapshot is
-    taken only after it finished. Costs one host copy of the saved state
-    while allocated; :meth:`release` frees it.
+    taken only after it finished (``busy`` tells; a snapshot while busy is
+    refused). Costs one host copy of the saved state while allocated;
+    :meth:`release` frees it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, busy: Callable[[], bool] | None = None) -> None:
         self._buffers: dict[str, np.ndarray] = {}
+        self._busy = busy or (lambda: False)
 
     @property
     def nbytes(self) -> int:
@@ -168,6 +170,12 @@ class Staging:
         fills a buffer (a framework's fastest host copy); both default to NumPy.
         Buffers of tensors absent from this snapshot are freed.
         """
+        if self._busy():
+            raise RuntimeError(
+                "Cannot take a snapshot while a save is in flight: it would overwrite the buffers that "
+                "save is writing. Call writer.wait() first (CheckpointManager.save_async does). "
+                "Received: a snapshot request during a background save"
+            )
         spec = spec or _numpy_spec
         copy = copy or _numpy_copy
         out: dict[str, dict[str, np.ndarray]] = {}

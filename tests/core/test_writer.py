@@ -160,6 +160,16 @@ def test_a_pending_save_finishes_before_the_interpreter_exits(tmp_path):
     assert marker.exists()
 
 
+def test_snapshot_is_refused_while_a_save_is_in_flight(writer):
+    gate = threading.Event()
+    writer.submit("slow", lambda: gate.wait(5))
+    with pytest.raises(RuntimeError, match="Cannot take a snapshot while a save is in flight"):
+        writer.staging.snapshot({"f": {"w": np.ones(3)}})
+    gate.set()
+    writer.wait()
+    writer.staging.snapshot({"f": {"w": np.ones(3)}})
+
+
 # --- staging buffers --------------------------------------------------------------------------
 
 

@@ -331,6 +331,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if _formats.is_keras_file(self.format) and os.path.isdir(filepath):
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
                           f"is an existing directory: {filepath}")
+        if self.async_save:
+            self._writer.wait()  # back-pressure first: the snapshot reuses the previous save's buffers
         staging = self._writer.staging if self.async_save else None
         save = mgr.save_async if self.async_save else mgr.save
         outcome = save(
@@ -355,7 +357,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         """
         if self.save_best_only or self._monitor is None or not _has_placeholders(os.path.basename(self.filepath)):
             return False
-        mgr.wait()  # the save in flight may be the best
+        if self._pending is not None and os.path.basename(self._pending[2]) == name:
+            mgr.wait()  # the save in flight has this very name and may be the best
         best = mgr.best
         if best is None or best.name != name:
             return False
