@@ -169,6 +169,33 @@ def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
     return find_checkpoints(path)[1]
 
 
+def first_verified(store: LocalStore, candidates: Sequence[Checkpoint], *, wanted: str,
+                   failures: Sequence[CorruptCheckpointError] = ()) -> Checkpoint:
+    """The first of ``candidates`` whose files verify.
+
+    With one candidate its failure is raised as is. With more (a fallback),
+    each that fails is skipped and, once one verifies, a warning names what
+    was skipped; ``failures`` are earlier ones to report (a damaged manifest).
+    """
+    skipped = list(failures)
+    for candidate in candidates:
+        try:
+            store.verify(candidate.manifest)
+        except CorruptCheckpointError as e:
+            if len(candidates) == 1 and not skipped:
+                raise
+            skipped.append(e)
+            continue
+        if skipped:
+            warnings.warn(f"Loading {candidate.path} instead of {wanted}, the newest checkpoint that verifies "
+                          f"(fallback=True). Skipped: {' | '.join(map(str, skipped))}", UserWarning, stacklevel=3)
+        return candidate
+    raise CorruptCheckpointError(
+        f"No checkpoint for {wanted} verifies, so nothing was loaded (fallback=True tried {len(skipped)}). "
+        f"Restore the files from a copy. Received: {' | '.join(map(str, skipped))}"
+    )
+
+
 def _check_readable(manifest: Manifest) -> None:
     """Refuses, before anything is written, a manifest that readers would reject."""
     try:
@@ -285,26 +312,8 @@ class CheckpointManager:
         a warning) for the next newest one that verifies.
         """
         ckpt = self.get(step)
-        candidates = [ckpt] + ([c for c in reversed(self.checkpoints()) if c.name != ckpt.name] if fallback else [])
-        failures: list[CorruptCheckpointError] = []
-        for candidate in candidates:
-            try:
-                self.store.verify(candidate.manifest)
-            except CorruptCheckpointError as e:
-                if not fallback:
-                    raise
-                failures.append(e)
-                continue
-            if failures:
-                warnings.warn(f"Loading {candidate.path} instead of {ckpt.path}, the newest checkpoint that "
-                              f"verifies (fallback=True). Skipped: {' | '.join(map(str, failures))}",
-                              UserWarning, stacklevel=2)
-            return self._tensors(candidate)
-        raise CorruptCheckpointError(
-            f"No checkpoint of series '{self.series}' in {self.directory} verifies, so nothing was loaded "
-            f"(fallback=True tried {len(failures)}). Restore the files from a copy. "
-            f"Received: {' | '.join(map(str, failures))}"
-        )
+        others = [c for c in reversed(self.checkpoints()) if c.name != ckpt.name] if fallback else []
+        return self._tensors(first_verified(self.store, [ckpt, *others], wanted=str(ckpt.path)))
 
     def _tensors(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         if STATE_FILE not in {f.path for f in ckpt.manifest.files}:

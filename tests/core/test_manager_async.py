@@ -197,5 +197,5 @@ def test_load_with_fallback_raises_when_nothing_verifies(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"w": np.ones(3)})
     _corrupt_latest(mgr)
-    with pytest.raises(CorruptCheckpointError, match="No checkpoint of series 'ckpt' .* verifies"):
+    with pytest.raises(CorruptCheckpointError, match=r"No checkpoint for .*ckpt-000000001 verifies"):
         mgr.load(fallback=True)

@@ -191,3 +191,33 @@ def test_loading_nothing_raises_checkpoint_not_found(tmp_path):
         keepbest.keras.load_model(tmp_path / "missing")
     with pytest.raises(CheckpointNotFoundError, match=r"empty folder"):
         keepbest.keras.load_weights(make_model(), tmp_path)
+
+
+def test_load_detects_a_truncated_file_and_names_it(tmp_path, digits):
+    _trained(tmp_path, digits, "ckpt")
+    victim = tmp_path / "ckpt" / "optimizer.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match=rf"file {victim} does not match its manifest"):
+        keepbest.keras.load_weights(make_model(), tmp_path / "ckpt")
+
+
+def test_load_with_fallback_takes_the_newest_checkpoint_that_verifies(tmp_path, digits):
+    from .conftest import user_warnings
+
+    x, y = digits
+    make_model().fit(x, y, epochs=3, verbose=0, callbacks=[ModelCheckpoint(str(tmp_path / "e{epoch}"))])
+    damaged = tmp_path / "e3" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
+    expected = keepbest.keras.load_model(tmp_path / "e2")
+    with user_warnings(r"instead of .*e3.*fallback=True") as found:
+        model = keepbest.keras.load_model(tmp_path / "e3", fallback=True)
+    assert found and str(damaged) in found[0]
+    assert _same(weights_of(model), weights_of(expected))
+
+
+def test_load_with_fallback_and_nothing_else_to_load_raises_naming_the_file(tmp_path, digits):
+    _trained(tmp_path, digits, "ckpt")
+    victim = tmp_path / "ckpt" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-8])
+    with pytest.raises(CorruptCheckpointError, match=rf"file {victim} does not match its manifest"):
+        keepbest.keras.load_weights(make_model(), tmp_path / "ckpt", fallback=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import keras
 
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.keras import _formats, _state
-from keepbest.manager import Checkpoint, find_checkpoints, list_checkpoints
+from keepbest.manager import Checkpoint, find_checkpoints, first_verified, list_checkpoints
 from keepbest.manifest import Manifest
 from keepbest.storage import INDEX_DIR, MANIFEST_NAME
 
@@ -57,23 +56,9 @@ def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Path,
         )
     if ckpt is None and damaged is None:
         return p, None
-    failures = [damaged] if damaged is not None else []
-    for candidate in ([ckpt] if ckpt is not None else []) + (_siblings(p, ckpt) if fallback else []):
-        try:
-            store.verify(candidate.manifest)
-        except CorruptCheckpointError as e:
-            if not fallback:
-                raise
-            failures.append(e)
-            continue
-        if failures:
-            warnings.warn(f"Loading {candidate.path} instead of {p}, the newest checkpoint that verifies "
-                          f"(fallback=True). Skipped: {' | '.join(map(str, failures))}", UserWarning, stacklevel=3)
-        return candidate.path, candidate
-    raise CorruptCheckpointError(
-        f"No checkpoint at {p} verifies, so nothing was loaded (fallback=True tried "
-        f"{len(failures)}). Restore the files from a copy. Received: {' | '.join(map(str, failures))}"
-    )
+    candidates = ([ckpt] if ckpt is not None else []) + (_siblings(p, ckpt) if fallback else [])
+    chosen = first_verified(store, candidates, wanted=str(p), failures=[damaged] if damaged else [])
+    return chosen.path, chosen
 
 
 def _siblings(p: Path, ckpt: Checkpoint | None) -> list[Checkpoint]:
