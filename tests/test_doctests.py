@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager"]
+MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager", "keepbest.writer"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -4,7 +4,7 @@ The core (this package) is framework-free; ``keepbest.keras`` is the Keras 3
 adapter, imported on its own so that the core never pulls a framework in.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from keepbest.errors import (  # noqa: E402
     AsyncSaveError,
@@ -15,13 +15,16 @@ from keepbest.errors import (  # noqa: E402
     StateMismatchError,
     StorageError,
 )
-from keepbest.manager import Checkpoint, CheckpointManager, TensorPayload, list_checkpoints  # noqa: E402
+from keepbest.checkpoint import Checkpoint, TensorPayload, list_checkpoints  # noqa: E402
+from keepbest.manager import CheckpointManager  # noqa: E402
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord  # noqa: E402
 from keepbest.policy import KeepBest, KeepLast, Monitor  # noqa: E402
 from keepbest.storage import LocalStore  # noqa: E402
+from keepbest.writer import AsyncWriter, SaveHandle  # noqa: E402
 
 __all__ = [
     "AsyncSaveError",
+    "AsyncWriter",
     "Checkpoint",
     "CheckpointManager",
     "CheckpointNotFoundError",
@@ -35,6 +38,7 @@ __all__ = [
     "Monitor",
     "MonitorError",
     "MonitorRecord",
+    "SaveHandle",
     "StateMismatchError",
     "StorageError",
     "TensorPayload",

@@ -11,7 +11,7 @@ from typing import Sequence
 from keepbest import __version__
 from keepbest.errors import CorruptCheckpointError
 from keepbest.listing import as_json, table
-from keepbest.manager import find_checkpoints
+from keepbest.checkpoint import find_checkpoints
 from keepbest.storage import LocalStore
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from keepbest.manager import Checkpoint
+from keepbest.checkpoint import Checkpoint
 
 
 def human_size(n: int) -> str:

@@ -14,186 +14,23 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbest import __version__, _digest, codec
+from keepbest import __version__, codec
+from keepbest.checkpoint import Checkpoint, Payload, TensorPayload, best_by, first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
-from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, best_candidate, retained
-from keepbest.storage import INDEX_DIR, MANIFEST_NAME, LocalStore
+from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, retained
+from keepbest.storage import INDEX_DIR, LocalStore
 from keepbest.writer import AsyncWriter, SaveHandle
 
 STATE_FILE = "state.safetensors"
-
-
-class Payload(Protocol):
-    """Something that writes one checkpoint's bytes into a staged path.
-
-    A *detached* payload holds its own copy of the state (a snapshot), so its
-    ``write`` may run on the writer thread after ``save_async`` returned; any
-    other payload is written on the caller's thread and only the commit
-    (fsync, hashing where needed, rename, retention) runs in the background.
-    """
-
-    @property
-    def detached(self) -> bool:
-        """True when ``write`` reads nothing the caller may still change."""
-        ...
-
-    @property
-    def layout(self) -> str:
-        """"file": ``write`` creates the file ``target``; "dir": it fills the new folder ``target``."""
-        ...
-
-    @property
-    def format(self) -> str:
-        """What wrote the payload, recorded in the manifest (e.g. "keras", "tensors")."""
-        ...
-
-    def write(self, target: Path) -> tuple[FileEntry, ...]:
-        """Writes the payload; returns file entries when it hashed while writing, else ()."""
-        ...
-
-
-@dataclass(frozen=True)
-class TensorPayload:
-    """Named safetensors files and JSON files, written into one checkpoint folder."""
-
-    tensors: Mapping[str, Mapping[str, np.ndarray]]
-    json_files: Mapping[str, Any] | None = None
-    metadata: Mapping[str, Mapping[str, str]] | None = None
-    format: str = "tensors"
-    layout: str = "dir"
-    detached: bool = False
-
-    def write(self, target: Path) -> tuple[FileEntry, ...]:
-        target.mkdir()
-        entries = []
-        for fname, tensors in self.tensors.items():
-            size, digest = codec.write_file(target / fname, tensors, (self.metadata or {}).get(fname))
-            entries.append(FileEntry(path=fname, size=size, digest=digest))
-        for fname, doc in (self.json_files or {}).items():
-            data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
-            (target / fname).write_bytes(data)
-            h = _digest.new()
-            h.update(data)
-            entries.append(FileEntry(path=fname, size=len(data), digest=h.hexdigest()))
-        return tuple(sorted(entries, key=lambda e: e.path))
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A committed checkpoint: its manifest and where it lives."""
-
-    manifest: Manifest
-    path: Path
-    is_best: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def step(self) -> int | None:
-        return self.manifest.step
-
-    @property
-    def epoch(self) -> int | None:
-        return self.manifest.epoch
-
-    @property
-    def batch(self) -> int | None:
-        return self.manifest.batch
-
-    @property
-    def metrics(self) -> Mapping[str, float]:
-        return self.manifest.metrics
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.manifest.files)
-
-
-def best_by(manifests: Sequence[Manifest], metric: str, mode: str | None = None) -> Manifest | None:
-    """The best of the manifests that recorded ``metric`` as their monitor.
-
-    ``mode`` defaults to the one the newest of them recorded (a restart that
-    has not resolved an "auto" mode yet). NaN and inf never win.
-    """
-    scored = sorted((m for m in manifests if m.monitor and m.monitor.name == metric), key=lambda m: m.created)
-    if not scored:
-        return None
-    found = best_candidate([Candidate(m.name, m.created, m.monitor_value) for m in scored],
-                           mode or scored[-1].monitor.mode)  # type: ignore[union-attr]
-    return next((m for m in scored if found is not None and m.name == found.key), None)
-
-
-def mark_best(manifests: Sequence[Manifest], root: Path) -> list[Checkpoint]:
-    """Checkpoints in commit order; within each series the best by its own monitor is marked."""
-    best_keys: set[str] = set()
-    for series in {m.series for m in manifests}:
-        members = [m for m in manifests if m.series == series]
-        for metric in {m.monitor.name for m in members if m.monitor}:
-            best = best_by(members, metric)
-            if best is not None:
-                best_keys.add(best.name)
-    ordered = sorted(manifests, key=lambda m: (m.created, m.name))
-    return [Checkpoint(m, root / m.name, m.name in best_keys) for m in ordered]
-
-
-def find_checkpoints(path: str | os.PathLike[str]) -> tuple[LocalStore, list[Checkpoint]]:
-    """The checkpoints at ``path``: a checkpoint folder itself, or a folder holding checkpoints."""
-    p = Path(path)
-    # One checkpoint: a folder with its manifest inside, or a Keras file indexed beside it.
-    if (p / MANIFEST_NAME).is_file() or p.is_file():
-        store = LocalStore(p.parent)
-        return store, [c for c in mark_best(store.list().manifests, p.parent) if c.name == p.name]
-    store = LocalStore(p)
-    return store, mark_best(store.list().manifests, p)
-
-
-def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
-    """The committed checkpoints at ``path`` (a folder of checkpoints, one checkpoint, or a Keras file).
-
-    Oldest first; in each series the best by its recorded monitor has ``is_best``.
-    """
-    return find_checkpoints(path)[1]
-
-
-def first_verified(store: LocalStore, candidates: Sequence[Checkpoint], *, wanted: str,
-                   failures: Sequence[CorruptCheckpointError] = ()) -> Checkpoint:
-    """The first of ``candidates`` whose files verify.
-
-    With one candidate its failure is raised as is. With more (a fallback),
-    each that fails is skipped and, once one verifies, a warning names what
-    was skipped; ``failures`` are earlier ones to report (a damaged manifest).
-    """
-    skipped = list(failures)
-    for candidate in candidates:
-        try:
-            store.verify(candidate.manifest)
-        except CorruptCheckpointError as e:
-            if len(candidates) == 1 and not skipped:
-                raise
-            skipped.append(e)
-            continue
-        if skipped:
-            warnings.warn(f"Loading {candidate.path} instead of {wanted}, the newest checkpoint that verifies "
-                          f"(fallback=True). Skipped: {' | '.join(map(str, skipped))}", UserWarning, stacklevel=3)
-        return candidate
-    raise CorruptCheckpointError(
-        f"No checkpoint for {wanted} verifies, so nothing was loaded (fallback=True tried {len(skipped)}). "
-        f"Restore the files from a copy. Received: {' | '.join(map(str, skipped))}"
-    )
 
 
 def _check_readable(manifest: Manifest) -> None:

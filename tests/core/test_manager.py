@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
-from keepbest.manager import STATE_FILE, CheckpointManager, TensorPayload
+from keepbest.checkpoint import TensorPayload
+from keepbest.manager import STATE_FILE, CheckpointManager
 from keepbest.policy import KeepBest, KeepLast, Monitor
 
 VAL_LOSS = Monitor("val_loss", "min")

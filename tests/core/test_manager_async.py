@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from keepbest.errors import AsyncSaveError, CorruptCheckpointError
-from keepbest.manager import STATE_FILE, Checkpoint, CheckpointManager
+from keepbest.checkpoint import Checkpoint
+from keepbest.manager import STATE_FILE, CheckpointManager
 from keepbest.policy import KeepLast
 from keepbest.storage import LocalStore
 
@@ -197,5 +198,15 @@ def test_load_with_fallback_raises_when_nothing_verifies(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"w": np.ones(3)})
     _corrupt_latest(mgr)
-    with pytest.raises(CorruptCheckpointError, match=r"No checkpoint for .*ckpt-000000001 verifies"):
+    mgr.save(2, {"w": np.ones(3)})
+    _corrupt_latest(mgr)
+    with pytest.raises(CorruptCheckpointError, match=r"No checkpoint for .*ckpt-000000002 verifies.*tried 2"):
+        mgr.load(fallback=True)
+
+
+def test_load_with_fallback_and_no_other_checkpoint_raises_the_corruption_itself(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"w": np.ones(3)})
+    path = _corrupt_latest(mgr)
+    with pytest.raises(CorruptCheckpointError, match=rf"file {path} does not match its manifest"):
         mgr.load(fallback=True)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import keepbest.keras
-from keepbest.manager import find_checkpoints
+from keepbest.checkpoint import find_checkpoints
 from keepbest.storage import LocalStore
 
 from .kill_child import build_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keepbest.keras import ModelCheckpoint
-from keepbest.manager import find_checkpoints
+from keepbest.checkpoint import find_checkpoints
 from keepbest.storage import LocalStore
 
 from .conftest import drive, make_model, user_warnings, weights_of

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 
 from keepbest.keras import _state
-from keepbest.manager import TensorPayload
+from keepbest.checkpoint import TensorPayload
 from keepbest.manifest import FileEntry
 from keepbest.writer import Staging
 

@@ -11,7 +11,7 @@ import keras
 
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.keras import _formats, _state
-from keepbest.manager import Checkpoint, find_checkpoints, first_verified, list_checkpoints
+from keepbest.checkpoint import Checkpoint, find_checkpoints, first_verified, list_checkpoints
 from keepbest.manifest import Manifest
 from keepbest.storage import INDEX_DIR, MANIFEST_NAME
 
