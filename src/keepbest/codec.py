@@ -191,7 +191,7 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         return {}
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf: Any = _map(f.fileno()) if size else b""
+        buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     out = {}
     for name, info in entries.items():
         begin, stop = info["data_offsets"]
@@ -199,15 +199,6 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         count = (stop - begin) // dtype.itemsize
         out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
     return out
-
-
-def _map(fd: int) -> mmap.mmap:
-    """A read-only map of the whole file; on Linux its pages are mapped up front (MAP_POPULATE),
-    which is much cheaper than one page fault per 4 KiB when every byte is about to be read."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate:
-        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
-    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
 
 def _corrupt(path: str | os.PathLike[str], why: str, received: str) -> CorruptCheckpointError:
