@@ -28,7 +28,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import keepbest.keras  # noqa: E402
 from keepbest.listing import table  # noqa: E402
-from keepbest.manager import find_checkpoints  # noqa: E402
+from keepbest.checkpoint import find_checkpoints  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="keepbest_demo")
