@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from keepbest import _digest, codec
+from keepbest import _digest, codec, evaluation
 from keepbest.errors import CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.policy import Candidate, best_candidate
@@ -86,6 +86,8 @@ class Checkpoint:
     manifest: Manifest
     path: Path
     is_best: bool = False
+    evaluations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """``{evaluator: record}``: what sidecar evaluators recorded for this very checkpoint."""
 
     @property
     def name(self) -> str:
@@ -145,9 +147,17 @@ def find_checkpoints(path: str | os.PathLike[str]) -> tuple[LocalStore, list[Che
     # One checkpoint: a folder with its manifest inside, or a Keras file indexed beside it.
     if (p / MANIFEST_NAME).is_file() or p.is_file():
         store = LocalStore(p.parent)
-        return store, [c for c in mark_best(store.list().manifests, p.parent) if c.name == p.name]
+        return store, _with_evaluations(store, [c for c in mark_best(store.list().manifests, p.parent)
+                                                if c.name == p.name])
     store = LocalStore(p)
-    return store, mark_best(store.list().manifests, p)
+    return store, _with_evaluations(store, mark_best(store.list().manifests, p))
+
+
+def _with_evaluations(store: LocalStore, ckpts: list[Checkpoint]) -> list[Checkpoint]:
+    records = evaluation.read_records(store.root)
+    if not records:
+        return ckpts
+    return [replace(c, evaluations=records.get(evaluation.commit_id(c.manifest), {})) for c in ckpts]
 
 
 def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:

@@ -26,12 +26,28 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def table(checkpoints: Sequence[Checkpoint]) -> str:
-    """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best."""
+    """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best.
+
+    Metrics a sidecar evaluator recorded appear as ``<evaluator>:<metric>`` columns.
+    """
     if not checkpoints:
         return "(no committed checkpoints)"
     metrics = sorted({k for c in checkpoints for k in c.metrics}, key=_metric_order)
-    header = ["name", "epoch", "batch", "step", *metrics, "best", "size", "saved"]
+    evaluated = sorted({(who, k) for c in checkpoints for who, rec in c.evaluations.items() for k in rec["metrics"]},
+                       key=lambda wk: (wk[0], _metric_order(wk[1])))
+    quarantined = any(rec.get("quarantined") for c in checkpoints for rec in c.evaluations.values())
+    header = ["name", "epoch", "batch", "step", *metrics, *(f"{who}:{k}" for who, k in evaluated), "best", "size",
+              "saved", *(["evaluation"] if quarantined else [])]
     rows = [header]
     for c in checkpoints:
         m = c.manifest
@@ -41,12 +57,15 @@ def table(checkpoints: Sequence[Checkpoint]) -> str:
             "-" if m.batch is None else str(m.batch),
             "-" if m.step is None else str(m.step),
             *(_cell(c.metrics.get(k)) for k in metrics),
+            *(_cell(_number(c.evaluations.get(who, {}).get("metrics", {}).get(k))) for who, k in evaluated),
             f"* {m.monitor.name}" if c.is_best and m.monitor else "",
             human_size(c.size),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+            *([", ".join(f"quarantined by {who}" for who, rec in c.evaluations.items() if rec.get("quarantined"))]
+              if quarantined else []),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    numeric = set(range(1, 4 + len(metrics)))
+    numeric = set(range(1, 4 + len(metrics) + len(evaluated)))
     lines = []
     for r in rows:
         cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))]
@@ -72,5 +91,8 @@ def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
             "size": c.size,
             "created": m.created,
             "files": [{"path": f.path, "size": f.size, f.algorithm: f.digest} for f in m.files],
+            "evaluations": {who: {"metrics": rec["metrics"], "quarantined": rec.get("quarantined"),
+                                  "seconds": rec.get("seconds"), "evaluated_at": rec.get("evaluated_at")}
+                            for who, rec in c.evaluations.items()},
         })
     return out

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbest import __version__, codec
+from keepbest import __version__, codec, evaluation
 from keepbest.checkpoint import Checkpoint, Payload, TensorPayload, best_by, first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
@@ -252,6 +252,15 @@ class CheckpointManager:
 
         return self.writer.submit(str(self.store.root / name), persist)
 
+    def mark_training_end(self) -> None:
+        """Tells sidecar evaluators that this series is complete; waits for the save in flight first."""
+        self.writer.wait()
+        evaluation.mark_training_end(self.store.root, self.series)
+
+    def clear_training_end(self) -> None:
+        """Training of this series (re)starts: evaluators wait for its checkpoints again."""
+        evaluation.clear_training_end(self.store.root, self.series)
+
     def _write(self, name: str, payload: Payload) -> tuple[Path, tuple[FileEntry, ...]]:
         staged = self.store.stage(name)
         try:
@@ -274,6 +283,8 @@ class CheckpointManager:
             return mine
         cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
         kept = retained(cands, keep, monitor.mode if monitor else None) | {protect}
+        # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays.
+        kept |= evaluation.held(self.store.root, [m for m in mine if m.name not in kept], time.time())
         for m in sorted((m for m in mine if m.name not in kept), key=lambda m: m.created):
             self.store.delete(m)
         return [m for m in mine if m.name in kept]

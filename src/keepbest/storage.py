@@ -298,6 +298,14 @@ class LocalStore:
                     or _suffix_owner(p.name, DELETING + "-")
                 if owner is not None and not _fs.owner_is_alive(owner):
                     found.append(p)
+            # Sidecar records (evaluators/, evaluations/<name>/, ended/) are written through temp files too.
+            for dirpath, _dirs, files in os.walk(self.index):
+                if Path(dirpath) == self.index:
+                    continue
+                for f in files:
+                    owner = _owner(f, TMP_PREFIX)
+                    if owner is not None and not _fs.owner_is_alive(owner):
+                        found.append(Path(dirpath) / f)
         return sorted(found)
 
     def recover(self) -> Recovery:

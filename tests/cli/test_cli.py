@@ -96,3 +96,22 @@ def test_missing_folder_is_an_error_not_an_empty_listing(tmp_path, command):
     result = keepbest(command, str(tmp_path / "nope"))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_gc_removes_evaluation_records_of_deleted_checkpoints(run_dir):
+    from keepbest import evaluation
+    from keepbest.checkpoint import list_checkpoints
+
+    kept = list_checkpoints(run_dir)[0]
+    evaluation.write_record(run_dir, "eval", kept.manifest, metrics={"loss": 1.0})
+    gone = kept.manifest.__class__(name="ckpt-000000010", layout="dir", format="tensors", series="ckpt", created=1.0)
+    evaluation.write_record(run_dir, "eval", gone, metrics={"loss": 2.0})
+    result = keepbest("gc", str(run_dir))
+    assert "ckpt-000000010.json (evaluation of a checkpoint that is gone)" in result.stdout
+    assert list(evaluation.read_records(run_dir)) == [evaluation.commit_id(kept.manifest)]
+
+
+def test_sidecar_without_a_factory_spec_explains_the_format(run_dir):
+    result = keepbest("sidecar", str(run_dir), "--model", "nocolon", "--data", "x:y")
+    assert result.returncode != 0
+    assert "--model must be 'module:function' or 'file.py:function'. Received: --model nocolon" in result.stderr

@@ -3,9 +3,16 @@
 Change one import to adopt it::
 
     from keepbest.keras import ModelCheckpoint   # was: from keras.callbacks import ModelCheckpoint
+
+``keepbest.keras.utils.SidecarEvaluator`` and
+``keepbest.keras.callbacks.SidecarEvaluatorModelExport`` bring back Keras 2.15's
+sidecar evaluator at the paths Keras 2 had them.
 """
 
 from keepbest.keras._callback import ModelCheckpoint
 from keepbest.keras._loading import load_model, load_weights
+from keepbest.keras._sidecar import SidecarEvaluator, SidecarEvaluatorModelExport
+from keepbest.keras import callbacks, utils
 
-__all__ = ["ModelCheckpoint", "load_model", "load_weights"]
+__all__ = ["ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks", "load_model",
+           "load_weights", "utils"]

@@ -129,6 +129,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = None
         root = self._static_root()
+        if root is not None and os.path.isdir(root or "."):
+            self._manager(root).clear_training_end()  # a sidecar evaluator waits for this run's checkpoints
+        self._resume()
+
+    def _resume(self) -> None:
+        """Recovers the best so far from what is committed (and loads the latest, if asked)."""
+        root = self._static_root()
         if root is None:
             return
         mgr = self._manager(root)
@@ -172,6 +179,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._writer.close()  # the last save commits (or its failure is raised) before fit returns
         finally:
             self._poll()
+        for mgr in self._managers.values():
+            if mgr.directory.is_dir():
+                mgr.mark_training_end()  # a sidecar evaluator stops once it has evaluated what is there
 
     def wait(self) -> None:
         """Blocks until the save in flight (``async_save=True``) is committed; raises its failure.
@@ -339,8 +349,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._step(), _formats.payload_for(self.model, self.format, staging), name=name,
             metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
             epoch=epoch + 1, batch=None if batch is None else batch + 1,
-            versions=_formats.keras_versions(),
-            extra={"save_weights_only": self.save_weights_only, "filepath_template": self.filepath},
+            versions=_formats.keras_versions(), extra=self._extra(),
         )
         if isinstance(outcome, SaveHandle):
             self._poll()  # the previous save finished before this one was accepted: report it
@@ -372,6 +381,10 @@ class ModelCheckpoint(keras.callbacks.Callback):
             "so this save is skipped. The name came round again because the epoch count restarted: pass "
             "`initial_epoch` to fit() or use a new filepath.", UserWarning, stacklevel=3)
         return True
+
+    def _extra(self) -> dict[str, Any]:
+        """What the manifest records besides metrics."""
+        return {"save_weights_only": self.save_weights_only, "filepath_template": self.filepath}
 
     def _step(self) -> int | None:
         optimizer = getattr(self.model, "optimizer", None)

@@ -1,0 +1,223 @@
+"""Following the checkpoints that training commits: the framework-free half of a sidecar evaluator.
+
+A :class:`Follower` hands out committed checkpoints one at a time, in commit
+order (``every``: each one, none skipped) or newest first (``latest``: jump to
+the newest one not evaluated yet). It holds a lease in the checkpoint folder
+(see :mod:`keepbest.evaluation`) so that training's retention keeps what it is
+evaluating and, in ``every`` mode, what it has not evaluated yet; a
+background thread renews it. It records each evaluation beside the checkpoint
+and what it has done, so a restarted follower continues where it stopped.
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from keepbest import CheckpointManager
+    >>> mgr = CheckpointManager(tempfile.mkdtemp(), series="ckpt")
+    >>> _ = mgr.save(1, {"w": np.zeros(2, np.float32)}, epoch=1)
+    >>> mgr.mark_training_end()
+    >>> with Follower(mgr.directory) as follower:
+    ...     while (ckpt := follower.next()) is not None:
+    ...         follower.begin(ckpt)
+    ...         follower.done(ckpt, {"loss": 0.5})
+    >>> follower.stop_reason, follower.state.evaluations
+    ('training ended', 1)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from keepbest import evaluation
+from keepbest.checkpoint import Checkpoint
+from keepbest.evaluation import EvaluatorState, commit_id
+from keepbest.manifest import Manifest
+from keepbest.storage import INDEX_DIR, LocalStore
+from keepbest._watch import FolderWatch
+
+
+class EvaluatorConflictError(RuntimeError):
+    """Another live evaluator already follows this folder under the same name."""
+
+
+class Follower:
+    """Hands out the checkpoints of ``directory`` that are due for evaluation.
+
+    Args:
+        directory: the folder training saves checkpoints into.
+        name: this evaluator's name; its lease and progress are stored under
+            it, so evaluators with different data need different names.
+        mode: ``"every"`` (each committed checkpoint, in commit order; retention
+            keeps the ones not evaluated yet) or ``"latest"`` (the newest not yet
+            evaluated; older ones are skipped).
+        series: only follow checkpoints of these filepath templates (None: all).
+        lease_ttl: seconds after the last heartbeat before training's retention
+            stops honouring the lease (a killed evaluator blocks deletion no
+            longer than this). Heartbeats come every ``lease_ttl / 4``.
+        poll_interval: longest wait between looks where file events are missing.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, name: str = "eval", mode: str = "every",
+                 series: Sequence[str] | None = None, lease_ttl: float = 120.0, poll_interval: float = 0.5) -> None:
+        if mode not in evaluation.MODES:
+            raise ValueError(f"mode must be 'every' (evaluate each checkpoint) or 'latest' (jump to the newest). "
+                             f"Received: mode={mode!r}")
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"name must be a plain file name (it names the evaluator's records). Received: name={name!r}")
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl must be a positive number of seconds. Received: lease_ttl={lease_ttl!r}")
+        self.store = LocalStore(directory)
+        self.name = name
+        self.mode = mode
+        self.series = None if series is None else list(series)
+        self.lease_ttl = float(lease_ttl)
+        self.state = EvaluatorState(name=name, mode=mode, series=self.series, ttl=self.lease_ttl)
+        self.stop_reason: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        root = self.store.root
+        self._watch = FolderWatch([root, root / INDEX_DIR, root / INDEX_DIR / evaluation.ENDED], poll_interval)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> "Follower":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(release=exc_type is None)
+
+    def open(self) -> None:
+        """Takes the lease (continuing the progress recorded under this name) and starts heartbeats."""
+        now = time.time()
+        previous = evaluation.read_state(self.store.root, self.name)
+        if previous is not None and previous.owner != evaluation.lease_owner() and previous.holds_lease(now) \
+                and evaluation.owner_is_alive(previous):
+            raise EvaluatorConflictError(
+                f"Another evaluator named '{self.name}' follows {self.store.root} (process {previous.owner.split('.')[0]} "
+                f"on {previous.host}, heartbeat {now - previous.heartbeat:.0f} s ago). Stop it, or give this one "
+                f"another name=. Received: name={self.name!r}")
+        if previous is not None:
+            self.state.evaluated = previous.evaluated
+            self.state.quarantined = previous.quarantined
+            self.state.evaluations = previous.evaluations
+            self.state.watermark = previous.watermark
+        self.state.owner, self.state.host = evaluation.lease_owner(), evaluation.this_host()
+        self.state.active, self.state.evaluating = True, None
+        self._save_state()
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="keepbest-lease", daemon=True)
+        self._heartbeat.start()
+
+    def close(self, release: bool = True) -> None:
+        """Stops heartbeats. ``release`` gives the lease up at once; otherwise it lapses after ``lease_ttl``.
+
+        A follower that stops because of an error keeps its lease until it
+        lapses, so a restart soon after still finds every checkpoint it had
+        not evaluated.
+        """
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        if release:
+            with self._lock:
+                self.state.active, self.state.evaluating = False, None
+                self._save_state()
+        self._watch.close()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_ttl / 4):
+            with self._lock:
+                self._save_state()
+
+    def _save_state(self) -> None:
+        """Writes the state with a fresh heartbeat; forgets ids of checkpoints that are gone."""
+        live = {commit_id(m) for m in self._committed()}
+        self.state.evaluated = [c for c in self.state.evaluated if c in live]
+        self.state.quarantined = {c: e for c, e in self.state.quarantined.items() if c in live}
+        self.state.heartbeat = time.time()
+        evaluation.write_state(self.store.root, self.state)
+
+    # -- what is due ---------------------------------------------------------------------
+    def _committed(self) -> list[Manifest]:
+        manifests = [m for m in self.store.list().manifests if self.state.follows(m)]
+        return sorted(manifests, key=lambda m: (m.created, m.name))
+
+    def pending(self) -> list[Manifest]:
+        """Committed checkpoints due for evaluation, oldest first."""
+        due = [m for m in self._committed() if not self.state.done(commit_id(m))]
+        if self.mode == "latest":
+            due = [m for m in due if m.created > self.state.watermark]
+        return due
+
+    def _training_ended(self, committed: list[Manifest]) -> bool:
+        ended = evaluation.ended_series(self.store.root)
+        if not ended:
+            return False
+        wanted = {m.series for m in committed} | set(self.series or ())
+        return wanted <= set(ended) if wanted else True
+
+    def next(self, idle_timeout: float | None = None) -> Checkpoint | None:
+        """Blocks until a checkpoint is due and returns it; None once training has ended and
+        nothing is left (``stop_reason`` says why), or after ``idle_timeout`` seconds without one."""
+        started = time.monotonic()
+        while True:
+            due = self.pending()
+            if due:
+                m = due[0] if self.mode == "every" else due[-1]
+                return Checkpoint(m, self.store.root / m.name)
+            if self._training_ended(self._committed()):
+                self.stop_reason = "training ended"
+                return None
+            waited = time.monotonic() - started
+            if idle_timeout is not None and waited >= idle_timeout:
+                self.stop_reason = f"no new checkpoint for {idle_timeout:g} s (idle_timeout)"
+                return None
+            left = 1.0 if idle_timeout is None else min(1.0, idle_timeout - waited)
+            self._watch.wait(max(left, 0.0))
+
+    def still_committed(self, ckpt: Checkpoint) -> bool:
+        """Whether ``ckpt`` is still the committed version under its name."""
+        cid = commit_id(ckpt.manifest)
+        return any(commit_id(m) == cid for m in self.store.list().manifests)
+
+    # -- recording -----------------------------------------------------------------------
+    def begin(self, ckpt: Checkpoint) -> None:
+        """Pins ``ckpt`` (retention keeps it) while it is evaluated."""
+        with self._lock:
+            self.state.evaluating = commit_id(ckpt.manifest)
+            self._save_state()
+
+    def done(self, ckpt: Checkpoint, metrics: Mapping[str, float], seconds: float | None = None) -> None:
+        """Records an evaluation beside the checkpoint and in the progress; unpins it."""
+        evaluation.write_record(self.store.root, self.name, ckpt.manifest, metrics=metrics, seconds=seconds)
+        with self._lock:
+            self.state.evaluated.append(commit_id(ckpt.manifest))
+            self.state.evaluations += 1
+            self.state.watermark = max(self.state.watermark, ckpt.manifest.created)
+            self.state.evaluating = None
+            self._save_state()
+        evaluation.prune_records(self.store.root, self.store.list().manifests, self.name)
+
+    def quarantine(self, ckpt: Checkpoint, error: BaseException) -> None:
+        """Records that ``ckpt`` cannot be read, so it is never tried again; unpins it."""
+        reason = f"{type(error).__name__}: {error}"
+        evaluation.write_record(self.store.root, self.name, ckpt.manifest, quarantined=reason)
+        with self._lock:
+            self.state.quarantined[commit_id(ckpt.manifest)] = reason
+            self.state.evaluating = None
+            self._save_state()
+
+    def skip(self, ckpt: Checkpoint) -> None:
+        """Unpins a checkpoint that vanished or was replaced before it could be read."""
+        with self._lock:
+            self.state.evaluating = None
+            self._save_state()
+
+
+def progress_path(directory: str | os.PathLike[str], name: str = "eval") -> Path:
+    """Where the follower named ``name`` keeps its lease and progress."""
+    return evaluation.state_path(directory, name)

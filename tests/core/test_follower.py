@@ -1,0 +1,241 @@
+"""The framework-free half of the sidecar: leases, progress, records, the end marker, following."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from keepbest import CheckpointManager, KeepLast
+from keepbest import _fs, evaluation
+from keepbest._watch import FolderWatch
+from keepbest.checkpoint import list_checkpoints
+from keepbest.evaluation import EvaluatorState, commit_id, held, read_state, write_state
+from keepbest.follower import EvaluatorConflictError, Follower
+from keepbest.listing import as_json, table
+
+
+def _save(mgr: CheckpointManager, epoch: int) -> None:
+    mgr.save(epoch, {"w": np.full(2, epoch, np.float32)}, epoch=epoch, name=f"ckpt-{epoch}")
+
+
+@pytest.fixture
+def mgr(tmp_path):
+    return CheckpointManager(tmp_path, series="ckpt-{epoch}", keep=[KeepLast(1)])
+
+
+def _manifests(mgr: CheckpointManager):
+    return [c.manifest for c in mgr.checkpoints()]
+
+
+# -- leases -----------------------------------------------------------------------------
+def test_every_mode_lease_holds_checkpoints_not_evaluated_yet(tmp_path, mgr):
+    write_state(tmp_path, EvaluatorState(name="eval", mode="every", heartbeat=time.time()))
+    for epoch in (1, 2, 3):
+        _save(mgr, epoch)
+    assert [c.epoch for c in mgr.checkpoints()] == [1, 2, 3]  # KeepLast(1) waits for the evaluator
+
+
+def test_evaluated_checkpoints_are_pruned_at_the_next_save(tmp_path, mgr):
+    state = EvaluatorState(name="eval", mode="every", heartbeat=time.time())
+    write_state(tmp_path, state)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    state.evaluated = [commit_id(m) for m in _manifests(mgr)]
+    write_state(tmp_path, state)
+    _save(mgr, 3)
+    assert [c.epoch for c in mgr.checkpoints()] == [3]
+
+
+def test_latest_mode_lease_holds_only_the_checkpoint_being_evaluated(tmp_path, mgr):
+    _save(mgr, 1)
+    first = _manifests(mgr)[0]
+    write_state(tmp_path, EvaluatorState(name="eval", mode="latest", heartbeat=time.time(),
+                                         evaluating=commit_id(first)))
+    _save(mgr, 2)
+    _save(mgr, 3)
+    assert [c.epoch for c in mgr.checkpoints()] == [1, 3]
+
+
+def test_lease_lapses_after_its_ttl(tmp_path, mgr):
+    write_state(tmp_path, EvaluatorState(name="eval", mode="every", heartbeat=time.time() - 10, ttl=5))
+    for epoch in (1, 2):
+        _save(mgr, epoch)
+    assert [c.epoch for c in mgr.checkpoints()] == [2]
+
+
+def test_released_lease_holds_nothing(tmp_path, mgr):
+    write_state(tmp_path, EvaluatorState(name="eval", mode="every", heartbeat=time.time(), active=False))
+    for epoch in (1, 2):
+        _save(mgr, epoch)
+    assert [c.epoch for c in mgr.checkpoints()] == [2]
+
+
+def test_lease_of_another_series_holds_nothing(tmp_path, mgr):
+    write_state(tmp_path, EvaluatorState(name="eval", heartbeat=time.time(), series=["other-{epoch}"]))
+    for epoch in (1, 2):
+        _save(mgr, epoch)
+    assert [c.epoch for c in mgr.checkpoints()] == [2]
+
+
+def test_damaged_state_file_is_ignored_with_a_warning(tmp_path, mgr):
+    _save(mgr, 1)
+    path = evaluation.state_path(tmp_path, "eval")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"name": "eval", "mode": "every"')
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert held(tmp_path, _manifests(mgr), time.time()) == set()
+    path.write_text(json.dumps({"name": "eval", "mode": "sometimes", "heartbeat": 1, "ttl": 1, "active": True}))
+    with pytest.warns(UserWarning, match="unknown mode"):
+        assert held(tmp_path, _manifests(mgr), time.time()) == set()
+
+
+# -- following ----------------------------------------------------------------------------
+def _drain(follower: Follower) -> list[int]:
+    seen = []
+    while (ckpt := follower.next(idle_timeout=0)) is not None:
+        follower.begin(ckpt)
+        follower.done(ckpt, {"loss": float(ckpt.epoch)})
+        seen.append(ckpt.epoch)
+    return seen
+
+
+def test_every_mode_hands_out_each_checkpoint_in_commit_order(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    for epoch in (1, 2, 3):
+        _save(mgr, epoch)
+    with Follower(tmp_path) as follower:
+        assert _drain(follower) == [1, 2, 3]
+        assert follower.stop_reason == "no new checkpoint for 0 s (idle_timeout)"
+
+
+def test_latest_mode_jumps_to_the_newest_and_never_goes_back(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    for epoch in (1, 2, 3):
+        _save(mgr, epoch)
+    with Follower(tmp_path, mode="latest") as follower:
+        assert _drain(follower) == [3]
+        _save(mgr, 4)
+        _save(mgr, 5)
+        assert _drain(follower) == [5]
+
+
+def test_follower_stops_when_training_has_ended_and_nothing_is_left(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    _save(mgr, 1)
+    with Follower(tmp_path) as follower:
+        ckpt = follower.next(idle_timeout=0)
+        follower.done(ckpt, {})  # type: ignore[arg-type]
+        mgr.mark_training_end()
+        assert follower.next() is None
+        assert follower.stop_reason == "training ended"
+
+
+def test_a_restart_of_training_clears_the_end_marker(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    mgr.mark_training_end()
+    mgr.clear_training_end()
+    with Follower(tmp_path) as follower:
+        assert follower.next(idle_timeout=0.2) is None
+        assert "idle_timeout" in (follower.stop_reason or "")
+
+
+def test_follower_notices_a_new_checkpoint_within_a_second(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    _save(mgr, 1)
+    with Follower(tmp_path) as follower:
+        _drain(follower)
+        saved_at: list[float] = []
+
+        def later() -> None:
+            time.sleep(0.3)
+            _save(mgr, 2)
+            saved_at.append(time.monotonic())
+
+        threading.Thread(target=later).start()
+        ckpt = follower.next(idle_timeout=10)
+        noticed = time.monotonic()
+    assert ckpt is not None and ckpt.epoch == 2
+    assert noticed - saved_at[0] < 1.0
+
+
+def test_folder_watch_wakes_on_a_rename_long_before_its_timeout(tmp_path):
+    with FolderWatch([tmp_path]) as watch:
+        if not watch.uses_events:
+            pytest.skip("no inotify on this platform: the poll fallback is used")
+        (tmp_path / "a").write_text("x")
+        watch.wait(0)  # drain
+        threading.Timer(0.2, lambda: os.rename(tmp_path / "a", tmp_path / "b")).start()
+        started = time.monotonic()
+        watch.wait(5.0)
+        assert time.monotonic() - started < 1.0
+
+
+def test_restarted_follower_continues_where_it_stopped(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    for epoch in (1, 2, 3):
+        _save(mgr, epoch)
+    with Follower(tmp_path) as follower:
+        ckpt = follower.next()
+        follower.done(ckpt, {"loss": 1.0})  # type: ignore[arg-type]
+    with Follower(tmp_path) as follower:
+        assert _drain(follower) == [2, 3]
+    assert read_state(tmp_path, "eval").evaluations == 3  # type: ignore[union-attr]
+
+
+def test_second_live_evaluator_with_the_same_name_is_refused(tmp_path):
+    parent = os.getppid()
+    start = _fs._start_time(parent)
+    write_state(tmp_path, EvaluatorState(name="eval", heartbeat=time.time(), host=evaluation.this_host(),
+                                         owner=f"{parent}.{start}" if start else str(parent)))
+    with pytest.raises(EvaluatorConflictError, match=f"Another evaluator named 'eval' .*process {parent}"):
+        Follower(tmp_path).open()
+    Follower(tmp_path, name="other").open()  # another name is fine
+
+
+def test_lease_of_a_dead_evaluator_is_taken_over(tmp_path):
+    write_state(tmp_path, EvaluatorState(name="eval", heartbeat=time.time(), host=evaluation.this_host(),
+                                         owner="999999999.1", evaluated=[]))
+    follower = Follower(tmp_path)
+    follower.open()
+    follower.close()
+    assert read_state(tmp_path, "eval").active is False  # type: ignore[union-attr]
+
+
+def test_quarantined_checkpoint_is_recorded_and_never_handed_out_again(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    for epoch in (1, 2):
+        _save(mgr, epoch)
+    with Follower(tmp_path) as follower:
+        ckpt = follower.next()
+        follower.quarantine(ckpt, ValueError("bad bytes"))  # type: ignore[arg-type]
+        assert _drain(follower) == [2]
+    listed = list_checkpoints(tmp_path)
+    assert listed[0].evaluations["eval"]["quarantined"] == "ValueError: bad bytes"
+    assert "quarantined by eval" in table(listed)
+
+
+def test_ls_shows_evaluation_metrics_of_this_very_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s")
+    _save(mgr, 1)
+    with Follower(tmp_path) as follower:
+        _drain(follower)
+    listed = list_checkpoints(tmp_path)
+    header, row = table(listed).splitlines()
+    assert "eval:loss" in header.split() and "1.0000" in row.split()
+    assert as_json(listed)[0]["evaluations"]["eval"]["metrics"] == {"loss": 1.0}
+    _save(mgr, 1)  # saved again under the same name: the old evaluation no longer applies
+    assert list_checkpoints(tmp_path)[0].evaluations == {}
+
+
+def test_constructor_rejects_a_bad_mode_name_and_ttl(tmp_path):
+    with pytest.raises(ValueError, match="mode must be 'every'.*Received: mode='all'"):
+        Follower(tmp_path, mode="all")
+    with pytest.raises(ValueError, match="plain file name.*Received: name='a/b'"):
+        Follower(tmp_path, name="a/b")
+    with pytest.raises(ValueError, match="lease_ttl must be a positive.*Received: lease_ttl=0"):
+        Follower(tmp_path, lease_ttl=0)

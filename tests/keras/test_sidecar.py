@@ -1,0 +1,176 @@
+"""SidecarEvaluator with two real processes: a trainer and an evaluator following its folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keepbest.keras
+from keepbest.checkpoint import list_checkpoints
+from keepbest.evaluation import commit_id, ended_series, read_state
+from keepbest.storage import INDEX_DIR
+from tests.keras import sidecar_procs
+from tests.keras.sidecar_procs import FILEPATH, make_model, read_log, weights_digest
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+
+
+def _spawn(role: str, directory: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, str(HERE / "sidecar_procs.py"), role, str(directory), str(log), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+def _events(log: Path, kind: str) -> list[dict]:
+    return [e for e in read_log(str(log)) if e["event"] == kind]
+
+
+def _ended_at(directory: Path) -> float:
+    ended = ended_series(directory)
+    assert FILEPATH in ended, f"no end-of-training marker for {FILEPATH}: {ended}"
+    return ended[FILEPATH]
+
+
+def _run_pair(tmp_path: Path, *evaluator_args: str, epochs: int = 6) -> tuple[Path, Path, Path, str]:
+    directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
+    trainer = _spawn("train", directory, tlog, "--epochs", str(epochs), "--epoch-seconds", "0.5", "--keep-last", "2")
+    evaluator = _spawn("evaluate", directory, elog, "--eval-seconds", "2", *evaluator_args)
+    _finish(trainer)
+    return directory, tlog, elog, _finish(evaluator)
+
+
+def test_every_mode_evaluates_each_checkpoint_and_retention_keeps_it_until_then(tmp_path):
+    directory, tlog, elog, output = _run_pair(tmp_path, "--mode", "every")
+    commits = _events(tlog, "commit")
+    evaluated = _events(elog, "evaluated")
+    assert [e["id"] for e in evaluated] == [c["id"] for c in commits]  # all six, in commit order
+    # What was evaluated is what was committed: retention deleted nothing before its evaluation.
+    assert [e["digest"] for e in evaluated] == [c["digest"] for c in commits]
+    assert "quarantined" not in output and "deleted or saved again" not in output
+    exit_event = _events(elog, "exit")[0]
+    assert exit_event["reason"] == "training ended"
+    assert exit_event["t"] - max(_ended_at(directory), evaluated[-1]["t"]) < 5.0
+    # The trainer kept what the evaluator had not reached (keep_last=2 would have left two).
+    assert len(list_checkpoints(directory)) > 2
+
+
+def test_latest_mode_evaluates_the_final_checkpoint_and_exits_within_5s_of_the_end_marker(tmp_path):
+    directory, tlog, elog, _ = _run_pair(tmp_path, "--mode", "latest")
+    commits = _events(tlog, "commit")
+    evaluated = _events(elog, "evaluated")
+    assert evaluated[-1]["id"] == commits[-1]["id"]
+    assert len(evaluated) < len(commits)  # it jumped ahead
+    ids = [c["id"] for c in commits]
+    assert [ids.index(e["id"]) for e in evaluated] == sorted(ids.index(e["id"]) for e in evaluated)
+    assert _events(elog, "exit")[0]["t"] - _ended_at(directory) < 5.0
+
+
+def test_export_is_labelled_with_the_evaluated_epoch_while_training_writes_newer_ones(tmp_path):
+    export = str(tmp_path / "best" / "best-model-{epoch:04d}")
+    directory, tlog, elog, _ = _run_pair(tmp_path, "--mode", "latest", "--export", export)
+    by_id = {c["id"]: c for c in _events(tlog, "commit")}
+    evaluated = _events(elog, "evaluated")
+    raced = [e for e in evaluated if e["newest_epoch"] > by_id[e["id"]]["epoch"]]
+    assert raced, "training never committed a newer checkpoint during an evaluation; the race was not exercised"
+    exports = list_checkpoints(tmp_path / "best")
+    assert exports
+    for exported in exports:
+        source = exported.manifest.extra["evaluated_checkpoint"]
+        commit = by_id[f"{source['name']}@{source['created']!r}"]
+        assert exported.epoch == commit["epoch"] and exported.name == f"best-model-{commit['epoch']:04d}"
+        model = make_model()
+        keepbest.keras.load_weights(model, exported.path)
+        assert weights_digest(model) == commit["digest"]  # the weights are that epoch's, not a newer one's
+
+
+def test_restarted_evaluator_evaluates_nothing_twice(tmp_path):
+    directory, tlog, elog, _ = _run_pair(tmp_path, "--mode", "every", "--max-evaluations", "2", epochs=4)
+    first = [e["id"] for e in _events(elog, "evaluated")]
+    assert len(first) == 2
+    elog2 = tmp_path / "eval2.log"
+    _finish(_spawn("evaluate", directory, elog2, "--eval-seconds", "0", "--mode", "every"))
+    second = [e["id"] for e in _events(elog2, "evaluated")]
+    assert first + second == [c["id"] for c in _events(tlog, "commit")]
+    assert read_state(directory, "eval").evaluations == 4  # type: ignore[union-attr]
+
+
+def _train_in_process(directory: Path, epochs: int) -> None:
+    model = make_model()
+    x, y = sidecar_procs.train_data()
+    model.fit(x, y, epochs=epochs, verbose=0, callbacks=[
+        keepbest.keras.ModelCheckpoint(str(directory / FILEPATH), save_weights_only=True)])
+
+
+def test_corrupt_checkpoint_is_quarantined_and_the_next_one_evaluated(tmp_path, capsys):
+    directory = tmp_path / "ckpt"
+    _train_in_process(directory, 3)
+    weights = directory / "ckpt-0002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    evaluator = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory)
+    evaluator.start()
+    assert [c.name for c, _ in evaluator.evaluated] == ["ckpt-0001", "ckpt-0003"]
+    assert "quarantined ckpt-0002" in capsys.readouterr().out
+    assert evaluator.stop_reason == "training ended"
+    listed = {c.name: c for c in list_checkpoints(directory)}
+    assert "is corrupt" in listed["ckpt-0002"].evaluations["eval"]["quarantined"]
+    assert set(listed["ckpt-0003"].evaluations["eval"]["metrics"]) == {"loss", "accuracy"}
+    # A second run does not try it again.
+    again = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory, verbose=0)
+    again.start()
+    assert again.evaluated == []
+
+
+def test_seed_example_runs_as_written(tmp_path):
+    """keras-SidecarEvaluatorModelExport.md's example, with only the import line changed."""
+    text = (ROOT / "tests" / "seeds" / "keras-SidecarEvaluatorModelExport.md").read_text()  # the page, verbatim
+    block = text.split("```python", 1)[1]
+    block = block[: block.index("sidecar_evaluator.start()") + len("sidecar_evaluator.start()")]
+    # The page elides the loss and the optimizer ("loss=..., optimizer=...").
+    block = block.replace("loss=..., optimizer=...", "loss=LOSS, optimizer='adam'")
+    checkpoint_dir = str(tmp_path / "ckpt")
+    _train_in_process(Path(checkpoint_dir), 2)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    namespace = {"os": os, "model": model, "dataset": sidecar_procs.eval_data(), "checkpoint_dir": checkpoint_dir,
+                 "LOSS": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
+    exec("from keepbest import keras\nfrom keepbest.keras.callbacks import SidecarEvaluatorModelExport\n" + block,
+         namespace)
+    exported = list_checkpoints(Path(checkpoint_dir) / "best_model_eval")
+    assert [c.name for c in exported] == ["best-model-0001"]  # max_evaluations=1: the first checkpoint
+    assert exported[0].manifest.extra["save_weights_only"] is True
+
+
+def test_cli_sidecar_evaluates_exports_and_prints_a_line_per_evaluation(tmp_path):
+    directory = tmp_path / "ckpt"
+    _train_in_process(directory, 2)
+    procs = str(HERE / "sidecar_procs.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "keepbest.cli", "sidecar", str(directory), "--model", f"{procs}:make_model",
+         "--data", f"{procs}:eval_data", "--export", str(tmp_path / "best" / "best-{epoch:02d}"),
+         "--save-weights-only", "--series", FILEPATH],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("SidecarEvaluator: evaluated")]
+    assert [line.split()[2] for line in lines] == ["ckpt-0001", "ckpt-0002"]
+    assert "loss=" in lines[0] and "accuracy=" in lines[0]
+    assert "stopped (training ended); 2 checkpoint(s) evaluated" in result.stdout
+    assert [c.name for c in list_checkpoints(tmp_path / "best")][-1] == "best-02"
+    listed = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", str(directory)], capture_output=True,
+                            text=True, timeout=60).stdout
+    assert "eval:loss" in listed.splitlines()[0]
