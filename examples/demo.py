@@ -1,13 +1,16 @@
-"""The seed tutorial ("Utiliser un callback ModelCheckpoint"), real and offline.
+"""The seed tutorial ("Utiliser un callback ModelCheckpoint"), real and offline, with a sidecar evaluator.
 
 The tutorial's subclassed model (Conv2D, Flatten, Dense, Dense) is trained on
 scikit-learn's bundled 8x8 digits (MNIST needs a download) with
-``validation_split=0.2``. keepbest's ``ModelCheckpoint`` keeps the best
-checkpoint by ``val_loss`` and the last two. The job is then restarted from
-scratch on the same folder (a fresh model): keepbest resumes from the
-recorded best, so the restart's worse epochs never replace it, and retention
-keeps the best plus the restart's last two. The demo prints what is on disk
-and reloads the best model to report its validation accuracy.
+``validation_split=0.2``; the last 297 digits are held out as a test set.
+keepbest's ``ModelCheckpoint`` keeps the best checkpoint by ``val_loss`` and
+the last two. Beside training, a second process (``keepbest sidecar``)
+evaluates every checkpoint on the test set as it is committed, records the
+metrics beside it, and exports the best by test loss. The job is then
+restarted from scratch on the same folder (a fresh model): keepbest resumes
+from the recorded best, so the restart's worse epochs never replace it, and a
+restarted sidecar evaluates only the new checkpoints. The demo prints what is
+on disk (training and test metrics side by side) and reloads the best model.
 
     python3 scripts/dev.py demo            # from the repository root
     python examples/demo.py [--epochs N] [--dir PATH] [--resume]
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -47,6 +52,43 @@ class SimpleModel(keras.Model):
         return self.dense2(x)
 
 
+TEST_SIZE = 297
+
+
+def build_model() -> keras.Model:
+    """The tutorial's model, compiled (also the sidecar's ``--model`` factory)."""
+    model = SimpleModel()
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model(np.zeros((1, 8, 8, 1), "float32"))  # a subclassed model creates its weights on its first call
+    return model
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]  # (1797, 8, 8, 1), like MNIST / 255
+    y = digits.target.astype("int32")
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order], y[order]
+
+
+def test_data() -> tuple[np.ndarray, np.ndarray]:
+    """The held-out digits (the sidecar's ``--data`` factory)."""
+    x, y = digits_data()
+    return x[-TEST_SIZE:], y[-TEST_SIZE:]
+
+
+def start_sidecar(directory: str) -> subprocess.Popen[bytes]:
+    """``keepbest sidecar`` in a process of its own, following ``directory``."""
+    here = os.path.abspath(__file__)
+    return subprocess.Popen([
+        sys.executable, "-m", "keepbest.cli", "sidecar", directory,
+        "--model", f"{here}:build_model", "--data", f"{here}:test_data",
+        "--series", "epoch{epoch:02d}.keras",
+        "--export", os.path.join(directory, "best_eval", "best-{epoch:02d}.keras"), "--monitor", "loss",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
@@ -57,17 +99,11 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
 
     keras.utils.set_random_seed(0)
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]  # (1797, 8, 8, 1), like MNIST / 255
-    y = digits.target.astype("int32")
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
+    x, y = digits_data()
+    x, y = x[:-TEST_SIZE], y[:-TEST_SIZE]
 
     def train(epochs: int) -> None:
-        model = SimpleModel()
-        model.compile(optimizer="adam",
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+        model = build_model()
         checkpoint = keepbest.keras.ModelCheckpoint(
             filepath=os.path.join(args.dir, "epoch{epoch:02d}.keras"),
             save_best_only=False, monitor="val_loss", mode="min", verbose=1,
@@ -75,13 +111,26 @@ def main() -> None:
         )
         model.fit(x, y, epochs=epochs, batch_size=32, validation_split=0.2, callbacks=[checkpoint], verbose=2)
 
+    print("--- Training, with `keepbest sidecar` evaluating each checkpoint in a second process ---", flush=True)
+    sidecar = start_sidecar(args.dir)
     train(args.epochs)
+    if sidecar.wait() != 0:
+        raise SystemExit(f"the sidecar failed (exit code {sidecar.returncode})")
+
     print("\n--- The job restarts from scratch (a fresh model, the same folder): the recorded best is kept ---")
     train(2)
+    print("\n--- The sidecar runs again: it evaluates only the checkpoints it has not seen ---", flush=True)
+    if start_sidecar(args.dir).wait() != 0:
+        raise SystemExit("the restarted sidecar failed")
 
     _store, ckpts = find_checkpoints(args.dir)
-    print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`):\n")
+    print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`); "
+          "eval: columns are the sidecar's test-set metrics:\n")
     print(table(ckpts))
+    exported = [c for c in find_checkpoints(os.path.join(args.dir, "best_eval"))[1] if c.is_best][-1]
+    source = exported.manifest.extra["evaluated_checkpoint"]["name"]
+    print(f"\nThe sidecar exported {exported.path} as the best by test loss "
+          f"({exported.metrics['loss']:.4f}): the evaluation of {source}, epoch {exported.epoch}.")
 
     best = next(c for c in ckpts if c.is_best)
     restored = keepbest.keras.load_model(best.path)

@@ -86,6 +86,22 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+_loaded: dict[str, object] = {}
+
+
+def _load_file(path: str) -> object:
+    """Imports a .py file once (--model and --data often name the same file)."""
+    key = os.path.realpath(path)
+    if key not in _loaded:
+        spec = importlib.util.spec_from_file_location(f"_keepbest_factory_{len(_loaded)}", key)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _loaded[key] = module
+    return _loaded[key]
+
+
 def _resolve(spec: str, what: str) -> object:
     """``module:attr`` or ``path/to/file.py:attr``, imported from the current folder."""
     module_name, sep, attr = spec.partition(":")
@@ -94,11 +110,7 @@ def _resolve(spec: str, what: str) -> object:
                          f"Received: --{what} {spec}")
     try:
         if module_name.endswith(".py"):
-            loaded = importlib.util.spec_from_file_location(f"_keepbest_{what}", module_name)
-            if loaded is None or loaded.loader is None:
-                raise ImportError(f"cannot load {module_name}")
-            module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
+            module = _load_file(module_name)
         else:
             sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)

@@ -174,3 +174,29 @@ def test_cli_sidecar_evaluates_exports_and_prints_a_line_per_evaluation(tmp_path
     listed = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", str(directory)], capture_output=True,
                             text=True, timeout=60).stdout
     assert "eval:loss" in listed.splitlines()[0]
+
+
+def test_unbuilt_model_is_refused_before_anything_is_evaluated(tmp_path):
+    class Sub(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(ValueError, match="has no weights yet.*call it on a batch"):
+        keepbest.keras.SidecarEvaluator(Sub(), sidecar_procs.eval_data(), tmp_path).start()
+    assert not (tmp_path / INDEX_DIR).exists()  # no lease taken
+
+
+def test_keras_weights_files_are_followed_and_evaluated(tmp_path):
+    model = make_model()
+    x, y = sidecar_procs.train_data()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[
+        keepbest.keras.ModelCheckpoint(str(tmp_path / "w{epoch:02d}.weights.h5"), save_weights_only=True)])
+    evaluator = keepbest.keras.SidecarEvaluator(make_model(), (x, y), tmp_path, verbose=0)
+    evaluator.start()
+    assert [c.name for c, _ in evaluator.evaluated] == ["w01.weights.h5", "w02.weights.h5"]
+    final = evaluator.evaluated[-1][1]
+    assert final["loss"] == pytest.approx(model.evaluate(x, y, verbose=0, return_dict=True)["loss"], rel=1e-5)

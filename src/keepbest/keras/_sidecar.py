@@ -83,6 +83,11 @@ class SidecarEvaluator:
 
     def start(self) -> None:
         """Runs the evaluation loop until it stops (see the class docstring)."""
+        if not self.model.weights:  # Keras would load nothing into it, and evaluate random weights
+            raise ValueError(
+                "SidecarEvaluator's model has no weights yet, so no checkpoint can be loaded into it. Build it "
+                "first: call it on a batch of data (subclassed models) or give it an Input. "
+                f"Received: model {self.model.name} with 0 weights (built={self.model.built})")
         with self.follower as follower:
             while True:
                 if self.max_evaluations is not None and follower.state.evaluations >= self.max_evaluations:
