@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager", "keepbest.writer"]
+MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager", "keepbest.writer",
+           "keepbest.evaluation", "keepbest.follower"]
 
 
 @pytest.mark.parametrize("name", MODULES)
