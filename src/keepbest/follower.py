@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from keepbest import evaluation
@@ -75,6 +74,7 @@ class Follower:
         self.lease_ttl = float(lease_ttl)
         self.state = EvaluatorState(name=name, mode=mode, series=self.series, ttl=self.lease_ttl)
         self.stop_reason: str | None = None
+        self.unreadable: list[str] = []  # manifests that cannot be read, each reported once, in order seen
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -143,7 +143,11 @@ class Follower:
 
     # -- what is due ---------------------------------------------------------------------
     def _committed(self) -> list[Manifest]:
-        manifests = [m for m in self.store.list().manifests if self.state.follows(m)]
+        listing = self.store.list()
+        for error in listing.errors:  # a damaged manifest: never handed out, but said once
+            if str(error) not in self.unreadable:
+                self.unreadable.append(str(error))
+        manifests = [m for m in listing.manifests if self.state.follows(m)]
         return sorted(manifests, key=lambda m: (m.created, m.name))
 
     def pending(self) -> list[Manifest]:
@@ -216,8 +220,3 @@ class Follower:
         with self._lock:
             self.state.evaluating = None
             self._save_state()
-
-
-def progress_path(directory: str | os.PathLike[str], name: str = "eval") -> Path:
-    """Where the follower named ``name`` keeps its lease and progress."""
-    return evaluation.state_path(directory, name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -200,3 +202,37 @@ def test_keras_weights_files_are_followed_and_evaluated(tmp_path):
     assert [c.name for c, _ in evaluator.evaluated] == ["w01.weights.h5", "w02.weights.h5"]
     final = evaluator.evaluated[-1][1]
     assert final["loss"] == pytest.approx(model.evaluate(x, y, verbose=0, return_dict=True)["loss"], rel=1e-5)
+
+
+def test_damaged_manifest_is_reported_once_and_the_others_evaluated(tmp_path, capsys):
+    directory = tmp_path / "ckpt"
+    _train_in_process(directory, 2)
+    (directory / "ckpt-0001" / "manifest.json").write_text('{"format": "keepbest/checkpoint", "name": 3}')
+    evaluator = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory)
+    evaluator.start()
+    assert [c.name for c, _ in evaluator.evaluated] == ["ckpt-0002"]
+    out = capsys.readouterr().out
+    assert out.count("manifest cannot be read") == 1 and "ckpt-0001" in out
+
+
+def test_evaluator_killed_mid_evaluation_resumes_with_that_checkpoint_and_repeats_nothing(tmp_path):
+    directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
+    _finish(_spawn("train", directory, tlog, "--epochs", "3", "--epoch-seconds", "0", "--keep-last", "10"))
+    victim = _spawn("evaluate", directory, elog, "--eval-seconds", "3")
+    deadline = time.monotonic() + 120
+    while not _events(elog, "evaluated") if elog.exists() else True:
+        assert time.monotonic() < deadline and victim.poll() is None, "the evaluator never evaluated"
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the second evaluation
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    first = [e["id"] for e in _events(elog, "evaluated")]
+    assert len(first) == 1
+    # Its lease survives the kill (until lease_ttl): training's retention still keeps what it had not evaluated.
+    state = read_state(directory, "eval")
+    assert state is not None and state.active and state.evaluating is not None
+    elog2 = tmp_path / "eval2.log"
+    _finish(_spawn("evaluate", directory, elog2, "--eval-seconds", "0"))
+    second = [e["id"] for e in _events(elog2, "evaluated")]
+    assert first + second == [c["id"] for c in _events(tlog, "commit")]
+    assert second[0] == state.evaluating  # the interrupted one is evaluated again, nothing else is

@@ -77,6 +77,7 @@ class SidecarEvaluator:
                                  series=[series] if isinstance(series, str) else series)
         self.stop_reason: str | None = None
         self.evaluated: list[tuple[Checkpoint, dict[str, float]]] = []  # this run's evaluations, in order
+        self._reported = 0
         for cb in self.callbacks:
             if isinstance(cb, SidecarEvaluatorModelExport):
                 cb.check_follows(self.checkpoint_dir)
@@ -94,6 +95,7 @@ class SidecarEvaluator:
                     self.stop_reason = f"max_evaluations={self.max_evaluations} reached"
                     break
                 ckpt = follower.next(self.idle_timeout)
+                self._report_unreadable(follower)
                 if ckpt is None:
                     self.stop_reason = follower.stop_reason
                     break
@@ -101,6 +103,13 @@ class SidecarEvaluator:
         if self.verbose:
             _print_msg(f"SidecarEvaluator: stopped ({self.stop_reason}); "
                        f"{follower.state.evaluations} checkpoint(s) evaluated in {self.checkpoint_dir}.")
+
+    def _report_unreadable(self, follower: Follower) -> None:
+        while self._reported < len(follower.unreadable):
+            if self.verbose:
+                _print_msg(f"SidecarEvaluator: skipping a checkpoint whose manifest cannot be read: "
+                           f"{follower.unreadable[self._reported]}")
+            self._reported += 1
 
     def _evaluate(self, follower: Follower, ckpt: Checkpoint) -> None:
         follower.begin(ckpt)
