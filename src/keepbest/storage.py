@@ -263,6 +263,20 @@ class LocalStore:
             m = replace(m, name=name)
         out.manifests.append(m)
 
+    def replacing(self, name: str) -> bool:
+        """Whether a live writer is between the two renames of a file checkpoint's commit of ``name``.
+
+        Then the data on disk is already the new version while the manifest
+        still describes the old one: a reader sees a mismatch that is not damage.
+        """
+        if not self.index.is_dir():
+            return False
+        for p in self.index.glob(f"{glob.escape(name)}{PENDING}*"):
+            owner = _suffix_owner(p.name, PENDING)
+            if owner is not None and _fs.owner_is_alive(owner):
+                return True
+        return False
+
     def verify(self, manifest: Manifest) -> None:
         """Re-hashes every file of ``manifest``; raises CorruptCheckpointError naming the file."""
         for entry in manifest.files:

@@ -651,3 +651,26 @@ def test_verify_names_a_truncated_file(tmp_path):
         f.truncate(10 << 20)
     with pytest.raises(CorruptCheckpointError, match=rf"file {tmp_path}/m.keras does not match.*size=10485760"):
         store.verify(committed)
+
+
+def test_replacing_is_true_only_while_a_live_writer_holds_a_pending_intent(tmp_path):
+    store = LocalStore(tmp_path)
+    (tmp_path / INDEX_DIR).mkdir()
+    assert not store.replacing("a.keras")
+    pending = tmp_path / INDEX_DIR / f"a.keras{PENDING}{_fs.owner_token()}"
+    pending.write_text("{}")
+    assert store.replacing("a.keras") and not store.replacing("b.keras")
+    pending.rename(tmp_path / INDEX_DIR / f"a.keras{PENDING}999999999.1")  # its writer is dead: an orphan
+    assert not store.replacing("a.keras")
+
+
+def test_orphaned_temp_files_of_sidecar_records_are_cleaned(tmp_path):
+    store = LocalStore(tmp_path)
+    records = tmp_path / INDEX_DIR / "evaluations" / "eval"
+    records.mkdir(parents=True)
+    dead = records / f"{TMP_PREFIX}999999999.1-abcd-ckpt-1.json"
+    live = records / f"{TMP_PREFIX}{_fs.owner_token()}-abcd-ckpt-2.json"
+    dead.write_text("{")
+    live.write_text("{")
+    store.recover()
+    assert not dead.exists() and live.exists()

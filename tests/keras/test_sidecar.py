@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import keepbest.keras
 from keepbest.checkpoint import list_checkpoints
 from keepbest.evaluation import commit_id, ended_series, read_state
-from keepbest.storage import INDEX_DIR
+from keepbest.storage import INDEX_DIR, LocalStore
 from tests.keras import sidecar_procs
 from tests.keras.sidecar_procs import FILEPATH, make_model, read_log, weights_digest
 
@@ -236,3 +237,30 @@ def test_evaluator_killed_mid_evaluation_resumes_with_that_checkpoint_and_repeat
     second = [e["id"] for e in _events(elog2, "evaluated")]
     assert first + second == [c["id"] for c in _events(tlog, "commit")]
     assert second[0] == state.evaluating  # the interrupted one is evaluated again, nothing else is
+
+
+def test_file_checkpoint_read_between_its_data_and_manifest_renames_is_not_quarantined(tmp_path, monkeypatch, capsys):
+    """A slow commit of a Keras file (data renamed, manifest not yet) looks corrupt for a moment."""
+    x, y = sidecar_procs.train_data()
+    model = make_model()
+    checkpoint = keepbest.keras.ModelCheckpoint(str(tmp_path / "last.weights.h5"), save_weights_only=True)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[checkpoint])
+    paused = threading.Event()
+    trainer = threading.current_thread()
+
+    def slow_commit(self, point: str) -> None:
+        if point == "data_published" and threading.current_thread() is not trainer:
+            paused.set()
+            time.sleep(3.0)  # longer than the evaluator's retries (1.7 s)
+
+    monkeypatch.setattr(LocalStore, "_reached", slow_commit)
+    second = threading.Thread(target=lambda: model.fit(x, y, epochs=1, verbose=0, callbacks=[checkpoint]))
+    second.start()
+    assert paused.wait(60)
+    evaluator = keepbest.keras.SidecarEvaluator(make_model(), (x, y), tmp_path, mode="latest", verbose=1)
+    evaluator.start()
+    second.join()
+    (ckpt, metrics), = evaluator.evaluated
+    assert ckpt.manifest.created == list_checkpoints(tmp_path)[0].manifest.created  # the new version
+    assert metrics["loss"] == pytest.approx(model.evaluate(x, y, verbose=0, return_dict=True)["loss"], rel=1e-5)
+    assert "quarantined" not in capsys.readouterr().out

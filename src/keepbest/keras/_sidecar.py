@@ -151,6 +151,9 @@ class SidecarEvaluator:
             break
         else:
             assert error is not None
+            if follower.store.replacing(ckpt.name):  # a commit is half-way: its manifest comes next
+                follower.skip(ckpt)
+                return False
             follower.quarantine(ckpt, error)
             if self.verbose:
                 _print_msg(f"SidecarEvaluator: quarantined {ckpt.name}: it still fails after "
