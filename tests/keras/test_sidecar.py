@@ -268,3 +268,59 @@ def test_file_checkpoint_read_between_its_data_and_manifest_renames_is_not_quara
     assert ckpt.manifest.created == list_checkpoints(tmp_path)[0].manifest.created  # the new version
     assert metrics["loss"] == pytest.approx(model.evaluate(x, y, verbose=0, return_dict=True)["loss"], rel=1e-5)
     assert "quarantined" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, r"`steps` must be a positive integer or None. Received: steps=0"),
+    ({"max_evaluations": True}, r"`max_evaluations` must be a positive integer or None. Received: max_evaluations=True"),
+    ({"idle_timeout": -1}, r"`idle_timeout` must be a number of seconds .* Received: idle_timeout=-1"),
+    ({"mode": "all"}, r"mode must be 'every' .* Received: mode='all'"),
+])
+def test_evaluator_rejects_bad_arguments_at_construction(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), tmp_path, **kwargs)
+
+
+def test_export_accepts_save_freq_eval_and_rejects_batch_counts(tmp_path):
+    assert keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), save_freq="eval")
+    with pytest.raises(ValueError, match="save_freq must be 'eval'.*Received: save_freq=5"):
+        keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), save_freq=5)
+
+
+def test_export_rejects_a_val_monitor_with_the_name_to_use(tmp_path):
+    with pytest.raises(ValueError, match="pass monitor='loss'. Received: monitor='val_loss'"):
+        keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), monitor="val_loss")
+
+
+def test_export_whose_checkpoint_filepath_is_elsewhere_is_refused(tmp_path):
+    export = keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "other" / FILEPATH))
+    with pytest.raises(ValueError, match="checkpoint_filepath is in .*other, but the SidecarEvaluator follows"):
+        keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), tmp_path / "ckpt",
+                                        callbacks=[export])
+
+
+def test_export_outside_an_evaluator_says_how_to_use_it(tmp_path):
+    model = make_model()
+    x, y = sidecar_procs.eval_data()
+    export = keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / FILEPATH))
+    with pytest.raises(RuntimeError, match=r"Pass it in SidecarEvaluator\(callbacks=\[...\]\)"):
+        model.evaluate(x, y, verbose=0, callbacks=[export])
+
+
+def test_export_best_value_survives_an_evaluator_restart(tmp_path):
+    directory = tmp_path / "ckpt"
+    _train_in_process(directory, 3)  # the loss falls every epoch: ckpt-0003 is the best
+
+    def export() -> keepbest.keras.SidecarEvaluatorModelExport:
+        return keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "best" / "best-{epoch:04d}"),
+                                                          str(directory / FILEPATH), save_weights_only=True)
+
+    keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory, mode="latest",
+                                    callbacks=[export()], verbose=0).start()
+    assert [c.name for c in list_checkpoints(tmp_path / "best")] == ["best-0003"]
+    # A new evaluator process (another name, so it starts from the first checkpoint) with a new callback:
+    again = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory, name="again",
+                                            callbacks=[export()], verbose=0)
+    again.start()
+    assert [c.name for c, _ in again.evaluated] == ["ckpt-0001", "ckpt-0002", "ckpt-0003"]
+    assert [c.name for c in list_checkpoints(tmp_path / "best")] == ["best-0003"]  # nothing worse exported

@@ -65,6 +65,10 @@ class SidecarEvaluator:
         for arg, value in (("steps", steps), ("max_evaluations", max_evaluations)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{arg}` must be a positive integer or None. Received: {arg}={value!r}")
+        if idle_timeout is not None and (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float))
+                                         or not idle_timeout >= 0):
+            raise ValueError("`idle_timeout` must be a number of seconds (>= 0) or None (wait until training "
+                             f"ends). Received: idle_timeout={idle_timeout!r}")
         self.model = model
         self.data = data
         self.checkpoint_dir = os.fspath(checkpoint_dir)
@@ -135,7 +139,7 @@ class SidecarEvaluator:
 
     def _restore(self, follower: Follower, ckpt: Checkpoint) -> bool:
         """Loads ``ckpt`` into the model; False when it vanished, was replaced or is quarantined."""
-        error: CorruptCheckpointError | None = None
+        error: Exception | None = None
         for attempt, delay in enumerate((0.0, *_RETRY_DELAYS)):
             time.sleep(delay)
             if attempt and not follower.still_committed(ckpt):
@@ -143,7 +147,7 @@ class SidecarEvaluator:
             try:
                 follower.store.verify(ckpt.manifest)
                 _restore_into(self.model, ckpt)
-            except CorruptCheckpointError as e:  # mid-replacement, or damaged for good: look again
+            except (CorruptCheckpointError, OSError) as e:  # replaced or deleted meanwhile, or damaged: look again
                 error = e
                 continue
             if follower.still_committed(ckpt):  # nothing replaced it while it was read
