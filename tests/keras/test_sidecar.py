@@ -123,22 +123,29 @@ def _train_in_process(directory: Path, epochs: int) -> None:
         keepbest.keras.ModelCheckpoint(str(directory / FILEPATH), save_weights_only=True)])
 
 
-def test_corrupt_checkpoint_is_quarantined_and_the_next_one_evaluated(tmp_path, capsys):
-    directory = tmp_path / "ckpt"
-    _train_in_process(directory, 3)
+def test_corrupt_checkpoint_is_quarantined_and_the_next_one_evaluated(tmp_path):
+    directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
+    trainer = _spawn("train", directory, tlog, "--epochs", "4", "--epoch-seconds", "0.5", "--keep-last", "10")
+    evaluator = _spawn("evaluate", directory, elog, "--eval-seconds", "2")
+    deadline = time.monotonic() + 120
+    while not any(c["epoch"] == 2 for c in (_events(tlog, "commit") if tlog.exists() else [])):
+        assert time.monotonic() < deadline and trainer.poll() is None, "the trainer never saved epoch 2"
+        time.sleep(0.02)
+    # Training's second checkpoint is damaged on disk before the evaluator (2 s per checkpoint) reaches it.
     weights = directory / "ckpt-0002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    evaluator = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory)
-    evaluator.start()
-    assert [c.name for c, _ in evaluator.evaluated] == ["ckpt-0001", "ckpt-0003"]
-    assert "quarantined ckpt-0002" in capsys.readouterr().out
-    assert evaluator.stop_reason == "training ended"
+    _finish(trainer)
+    output = _finish(evaluator)
+    commits = [c["id"] for c in _events(tlog, "commit")]
+    assert [e["id"] for e in _events(elog, "evaluated")] == [commits[0], *commits[2:]]
+    assert "quarantined ckpt-0002" in output and "is corrupt" in output
+    assert _events(elog, "exit")[0]["reason"] == "training ended"
     listed = {c.name: c for c in list_checkpoints(directory)}
     assert "is corrupt" in listed["ckpt-0002"].evaluations["eval"]["quarantined"]
     assert set(listed["ckpt-0003"].evaluations["eval"]["metrics"]) == {"loss", "accuracy"}
-    # A second run does not try it again.
+    # A restarted evaluator does not try it again.
     again = keepbest.keras.SidecarEvaluator(make_model(), sidecar_procs.eval_data(), directory, verbose=0)
     again.start()
     assert again.evaluated == []
