@@ -239,3 +239,12 @@ def test_constructor_rejects_a_bad_mode_name_and_ttl(tmp_path):
         Follower(tmp_path, name="a/b")
     with pytest.raises(ValueError, match="lease_ttl must be a positive.*Received: lease_ttl=0"):
         Follower(tmp_path, lease_ttl=0)
+
+
+def test_heartbeats_keep_the_lease_fresh_while_the_follower_runs(tmp_path):
+    mgr = CheckpointManager(tmp_path, series="s", keep=[KeepLast(1)])
+    _save(mgr, 1)
+    with Follower(tmp_path, lease_ttl=0.4):
+        time.sleep(1.0)  # more than the ttl: only heartbeats (every 0.1 s) keep the lease alive
+        assert held(tmp_path, _manifests(mgr), time.time()) == {"ckpt-1"}
+    assert held(tmp_path, _manifests(mgr), time.time()) == set()  # released on a normal exit
