@@ -7,12 +7,13 @@ import time
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 
 from keepbest.checkpoint import Checkpoint
 from keepbest.errors import CorruptCheckpointError
 from keepbest.follower import Follower
 from keepbest.keras import _formats, _state
-from keepbest.keras._callback import ModelCheckpoint, _print_msg
+from keepbest.keras._callback import ModelCheckpoint, _is_number, _print_msg
 from keepbest.keras._loading import _build_optimizer_if_saved
 
 _RETRY_DELAYS = (0.2, 0.5, 1.0)  # a checkpoint that fails to load is tried this many more times
@@ -127,7 +128,7 @@ class SidecarEvaluator:
         logs = self.model.evaluate(x, y, sample_weight=sample_weight, steps=self.steps, callbacks=self.callbacks,
                                    verbose=0, return_dict=True)
         seconds = time.monotonic() - started
-        metrics = {k: float(v) for k, v in logs.items() if _is_scalar(v)}
+        metrics = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)}
         follower.done(ckpt, metrics, seconds)
         self.evaluated.append((ckpt, metrics))
         if self.verbose:
@@ -182,14 +183,6 @@ def _unpack(data: Any) -> tuple[Any, Any, Any]:
     if isinstance(data, tuple) and len(data) in (2, 3):
         return data[0], data[1], data[2] if len(data) == 3 else None
     return data, None, None
-
-
-def _is_scalar(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 class SidecarEvaluatorModelExport(ModelCheckpoint):
