@@ -9,10 +9,11 @@ Change one import to adopt it::
 sidecar evaluator at the paths Keras 2 had them.
 """
 
+from keepbest.keras._backup import BackupAndRestore
 from keepbest.keras._callback import ModelCheckpoint
 from keepbest.keras._loading import load_model, load_weights
 from keepbest.keras._sidecar import SidecarEvaluator, SidecarEvaluatorModelExport
 from keepbest.keras import callbacks, utils
 
-__all__ = ["ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks", "load_model",
+__all__ = ["BackupAndRestore", "ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks", "load_model",
            "load_weights", "utils"]

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from keepbest.errors import MonitorError
-from keepbest.keras import _formats
+from keepbest.keras import _formats, _resume
 from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
@@ -123,11 +123,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._last_batch_seen: int | None = None
         self._current_epoch = 0
         self._warned_absent = False
+        self._seen: tuple[int, int] | None = None  # (epoch, batch) of the last batch end handled
 
     # -- Keras hooks --------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = None
+        _resume.register(self.model, self)  # a keepbest BackupAndRestore records and restores our state
         root = self._static_root()
         if root is not None and os.path.isdir(root or "."):
             self._manager(root).clear_training_end()  # a sidecar evaluator waits for this run's checkpoints
@@ -156,6 +158,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if _resume.replaying(self.model, self.resume_key()):
+            return  # a batch trained before the restart, skipped by BackupAndRestore
+        self._seen = (self._current_epoch, batch)
         self._poll()
         if not self._monitor_checked:
             self._check_monitor(logs or {}, final=False)
@@ -182,6 +187,20 @@ class ModelCheckpoint(keras.callbacks.Callback):
         for mgr in self._managers.values():
             if mgr.directory.is_dir():
                 mgr.mark_training_end()  # a sidecar evaluator stops once it has evaluated what is there
+
+    # -- state for BackupAndRestore ----------------------------------------------------
+    def resume_key(self) -> str:
+        return f"ModelCheckpoint:{self.filepath}"
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"best": self.best, "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
+                "last_batch_seen": self._last_batch_seen, "seen": list(self._seen) if self._seen else None}
+
+    def restore_resume_state(self, state: dict[str, Any]) -> None:
+        if state["best"] is not None:
+            self.best = state["best"]  # the best recorded on disk is merged in when the monitor is checked
+        self._batches_seen_since_last_saving = state["batches_seen_since_last_saving"]
+        self._last_batch_seen = state["last_batch_seen"]
 
     def wait(self) -> None:
         """Blocks until the save in flight (``async_save=True``) is committed; raises its failure.

@@ -81,14 +81,8 @@ def _leaf(path: str) -> str:
     return "/".join(_SUFFIX.sub("", part) for part in path.split("#")[0].split("/")[-2:])
 
 
-def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
-    """Assigns the tensors of ``file`` to ``variables``; all-or-nothing.
-
-    Matches by path when the saved and current paths are the same set, else
-    by position; either way every shape and dtype is checked before any
-    variable is assigned.
-    """
-    tensors = codec.read_file(file)
+def _saved_order(file: Path, tensors: dict[str, np.ndarray], what: str) -> list[str]:
+    """The variable paths of ``file`` in the order they were saved (by name for a foreign file)."""
     _, meta, _ = codec.read_header(file)
     saved_order: list[str] = sorted(tensors)  # a file keepbest did not write has no order: names decide
     if ORDER_KEY in meta:
@@ -103,6 +97,18 @@ def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
                 f"Received: {meta[ORDER_KEY][:200]!r}"
             )
         saved_order = [str(p) for p in recorded]
+    return saved_order
+
+
+def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
+    """Assigns the tensors of ``file`` to ``variables``; all-or-nothing.
+
+    Matches by path when the saved and current paths are the same set, else
+    by position; either way every shape and dtype is checked before any
+    variable is assigned.
+    """
+    tensors = codec.read_file(file)
+    saved_order = _saved_order(file, tensors, what)
     targets = unique_paths(variables)
     if set(targets) == set(tensors):
         pairs = [(p, tensors[p], v) for p, v in zip(targets, variables)]
@@ -132,6 +138,33 @@ def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
         )
     for _p, arr, v in pairs:
         _host.assign(v, arr)
+
+
+def restore_matching(variables: Sequence[Any], file: Path) -> tuple[list[str], list[str]]:
+    """Assigns the tensors of ``file`` whose path, shape and dtype match a variable (a partial restore).
+
+    Returns the paths restored and a description of each variable left as it was.
+    """
+    tensors = codec.read_file(file)
+    by_leaf: dict[str, list[str]] = {}
+    for p in _saved_order(file, tensors, "a partial restore"):
+        by_leaf.setdefault(_leaf(p), []).append(p)
+    restored, skipped = [], []
+    for path, v in zip(unique_paths(variables), variables):
+        # Paths differ between runs by Keras's automatic suffixes: match on the layer/variable part, in order.
+        candidates = by_leaf.get(_leaf(path), [])
+        saved = path if path in tensors else (candidates[0] if candidates else None)
+        if saved in candidates:
+            candidates.remove(saved)
+        arr = tensors.get(saved) if saved is not None else None
+        if arr is None:
+            skipped.append(f"{path} (not in the checkpoint)")
+        elif tuple(arr.shape) != tuple(v.shape) or np.dtype(arr.dtype) != np.dtype(keras.backend.standardize_dtype(v.dtype)):
+            skipped.append(f"{path} (checkpoint {tuple(arr.shape)} {arr.dtype}, model {tuple(v.shape)} {v.dtype})")
+        else:
+            _host.assign(v, arr)
+            restored.append(path)
+    return restored, skipped
 
 
 def _take(counts: Counter[str], key: str) -> bool:

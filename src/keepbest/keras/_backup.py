@@ -1,0 +1,314 @@
+"""``keepbest.keras.BackupAndRestore``: Keras's callback, made exact, crash-safe and preemption-aware."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from keepbest import _fs
+from keepbest.checkpoint import TensorPayload, first_verified
+from keepbest.errors import StateMismatchError
+from keepbest.keras import _host, _resume, _state
+from keepbest.keras._callback import _is_number, _print_msg
+from keepbest.manager import CheckpointManager
+from keepbest.policy import KeepLast, batches_advanced
+
+TRAINING_FILE = "training.json"
+FORMAT = "keepbest-keras-backup"
+SERIES = "backup"
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Backs up the whole training state and resumes from it exactly.
+
+    Keras's arguments (``backup_dir, save_freq, double_checkpoint,
+    delete_checkpoint``), with what Keras leaves out: the optimizer slots
+    (checked on restore), the batch within the epoch (the batches already
+    trained are skipped), the random generators (Python, NumPy, torch,
+    Keras's seed generators), the metric accumulators and the state of
+    keepbest's ``ModelCheckpoint`` (best value, batch counters). Each backup
+    is a committed keepbest checkpoint, so a crash during a backup leaves the
+    previous one.
+
+    Args:
+        backup_dir: folder of the backups; give each training run its own.
+        save_freq: ``"epoch"``, a number of batches, or ``False`` (only on
+            preemption).
+        double_checkpoint: keep the previous backup too; if the newest does
+            not verify, training resumes from the previous one.
+        delete_checkpoint: delete the backups when ``fit`` completes.
+        save_before_preemption: on one of ``preemption_signals``, back up at
+            the next batch boundary and stop ``fit``, which then returns
+            normally. The handler chains to the one installed before it.
+        preemption_signals: the signals that mean "preempted" (default SIGTERM).
+        partial_restore: restore the variables that match even when the model
+            or optimizer changed (the report lists what was left as it was);
+            by default any mismatch is an error.
+        verbose: 1 prints one line on restore and on preemption; 0 is silent.
+
+    Example:
+        >>> backup = BackupAndRestore("/tmp/backup", save_freq=100, save_before_preemption=True)
+        >>> model.fit(x, y, epochs=10, callbacks=[backup])  # doctest: +SKIP
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike[str], save_freq: str | int | bool = "epoch",
+                 double_checkpoint: bool = False, delete_checkpoint: bool = True, *,
+                 save_before_preemption: bool = False,
+                 preemption_signals: Sequence[int] = (signal.SIGTERM,),
+                 partial_restore: bool = False, verbose: int = 1) -> None:
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("Empty `backup_dir` argument passed")
+        if save_freq != "epoch" and save_freq is not False and (
+                isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
+            raise ValueError(f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
+                             "Expected either 'epoch' or an integer value.")
+        if save_freq is False and not save_before_preemption:
+            raise ValueError("`save_freq=False` saves only before a preemption, so it needs "
+                             "`save_before_preemption=True`. Received: save_freq=False, save_before_preemption=False")
+        self.signals = tuple(_check_signal(s) for s in preemption_signals)
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.double_checkpoint = bool(double_checkpoint)
+        self.delete_checkpoint = bool(delete_checkpoint)
+        self.save_before_preemption = bool(save_before_preemption)
+        self.partial_restore = bool(partial_restore)
+        self.verbose = verbose
+        self._manager = CheckpointManager(self.backup_dir, series=SERIES,
+                                          keep=[KeepLast(2 if self.double_checkpoint else 1)])
+        self._epoch = 0
+        self._last_batch_seen: int | None = None
+        self._batches_since_save = 0
+        self._rng_epoch_begin: dict[str, Any] | None = None
+        self._plan: dict[str, Any] | None = None
+        self._restored_from: Path | None = None
+        self._signal: int | None = None
+        self._stopped_by_signal = False
+        self._previous: dict[int, Any] = {}
+        self._last_step: int | None = None
+
+    # -- Keras hooks --------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._signal, self._stopped_by_signal = None, False
+        self._last_batch_seen, self._batches_since_save = None, 0
+        if self.save_before_preemption:
+            self._install_handlers()
+        self._plan = self._restore()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        plan, self._plan = self._plan, None
+        if plan is not None and plan["epoch"] == epoch:
+            self._restore_callbacks(plan["callbacks"])
+            if plan["batch"] > 0:  # resume inside this epoch
+                self._resume_inside_epoch(plan)
+                return
+        self._rng_epoch_begin = _resume.rng_state()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if _resume.replaying(self.model, "BackupAndRestore"):
+            return
+        due = False
+        if self.save_freq not in ("epoch", False):
+            self._batches_since_save += batches_advanced(self._last_batch_seen, batch)
+            due = self._batches_since_save >= self.save_freq  # type: ignore[operator]
+        self._last_batch_seen = batch
+        if self._signal is not None:
+            self._stop_for_signal(epoch=self._epoch, batch=batch + 1, logs=logs)
+        elif due:
+            self._batches_since_save = 0
+            self._save(epoch=self._epoch, batch=batch + 1, logs=logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._stopped_by_signal:
+            return  # the backup holds the epoch as far as it went
+        if self._signal is not None:
+            self._stop_for_signal(epoch=epoch + 1, batch=0, logs=logs)
+        elif self.save_freq == "epoch":
+            self._save(epoch=epoch + 1, batch=0, logs=logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._uninstall_handlers()
+        _resume.stop_skipping(self.model)
+        self.model._initial_epoch = None  # a later fit() on this model starts where it is asked to
+        if self._stopped_by_signal or not self.delete_checkpoint:
+            return
+        for ckpt in self._manager.checkpoints():
+            self._manager.store.delete(ckpt.manifest)
+        _remove_if_empty(Path(self.backup_dir))
+
+    # -- saving -------------------------------------------------------------------------
+    def _save(self, epoch: int, batch: int, logs: dict[str, Any] | None) -> None:
+        model = self.model
+        groups = {_state.WEIGHTS_FILE: list(model.weights), _resume.SEEDS_FILE: _resume.seed_variables(model),
+                  _resume.METRICS_FILE: _resume.metric_variables(model)}
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            groups[_state.OPTIMIZER_FILE] = list(optimizer.variables)
+        callbacks = {key: cb.resume_state() for key, cb in _resume.registered(model).items()}
+        numbers = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0 and _is_number(v)}
+        training = {
+            "epoch": epoch, "batch": batch,
+            "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
+            "last_batch_seen": self._last_batch_seen, "batches_since_save": self._batches_since_save,
+            "rng": _resume.rng_state(), "global_seed": _resume.global_seed_state(), "rng_epoch_begin": self._rng_epoch_begin if batch else None,
+            "logs": numbers,
+            "callbacks": callbacks,
+            # keepbest callbacks listed after this one have not handled this batch yet: on resume they do
+            "pending": sorted(k for k, st in callbacks.items() if batch and st.get("seen") != [self._epoch, batch - 1]),
+        }
+        payload = TensorPayload(
+            {f: dict(zip(_state.unique_paths(vs), (_host.view(v) for v in vs))) for f, vs in groups.items()},
+            json_files={TRAINING_FILE: training},
+            metadata={f: _state.order_metadata(vs) for f, vs in groups.items()}, format=FORMAT)
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else None
+        self._last_step = step
+        self._manager.save(step, payload, name=None if step is not None else f"{SERIES}-e{epoch}-b{batch}",
+                           epoch=epoch, batch=batch, metrics=numbers)
+
+    # -- restoring ------------------------------------------------------------------------
+    def _restore(self) -> dict[str, Any] | None:
+        ckpts = self._manager.checkpoints()
+        if not ckpts:
+            return None
+        model = self.model
+        if not model.built:
+            raise ValueError(
+                "To use the BackupAndRestore callback, you model must be built before you call `fit()`. "
+                f"Model {model} is unbuilt. You can build it beforehand by calling it on a batch of data.")
+        ckpt = first_verified(self._manager.store, list(reversed(ckpts)), wanted=str(ckpts[-1].path))
+        files = {f.path for f in ckpt.manifest.files}
+        plan = json.loads((ckpt.path / TRAINING_FILE).read_text(encoding="utf-8"))
+        report = self._assign(model, ckpt.path, files)
+        if plan["batch"] > 0 and plan["steps_per_execution"] != int(getattr(model, "steps_per_execution", 1) or 1):
+            raise ValueError(
+                f"Cannot resume inside epoch {plan['epoch'] + 1} from {ckpt.path}: it was backed up with "
+                f"steps_per_execution={plan['steps_per_execution']}, this model has "
+                f"{model.steps_per_execution}. Compile with the same steps_per_execution. "
+                f"Received: steps_per_execution={model.steps_per_execution}")
+        model._initial_epoch = plan["epoch"]
+        self._last_batch_seen, self._batches_since_save = plan["last_batch_seen"], plan["batches_since_save"]
+        self._restored_from = ckpt.path
+        _resume.set_global_seed_state(plan["global_seed"])
+        if plan["batch"] == 0:
+            _resume.set_rng_state(plan["rng"])
+        if self.verbose > 0:
+            where = f"epoch {plan['epoch'] + 1}, batch {plan['batch']}" if plan["batch"] else \
+                f"the start of epoch {plan['epoch'] + 1}"
+            _print_msg(f"BackupAndRestore: restored the training state from {ckpt.path} (step "
+                       f"{ckpt.manifest.step}); training resumes at {where}.{report}")
+        return plan
+
+    def _assign(self, model: keras.Model, path: Path, files: set[str]) -> str:
+        """Restores weights, optimizer state and seed generators; returns a report of a partial restore."""
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and not optimizer.built and _state.OPTIMIZER_FILE in files:
+            optimizer.build(model.trainable_variables)
+        groups = [(list(model.weights), _state.WEIGHTS_FILE, "model weights"),
+                  (_resume.seed_variables(model), _resume.SEEDS_FILE, "seed generator states")]
+        if optimizer is not None and _state.OPTIMIZER_FILE in files:
+            groups.append((list(optimizer.variables), _state.OPTIMIZER_FILE, "optimizer state"))
+        if not self.partial_restore:
+            for variables, fname, what in groups:
+                try:
+                    _state.restore_variables(variables, path / fname, what)
+                except StateMismatchError as e:
+                    raise StateMismatchError(f"{e}. BackupAndRestore restores nothing then; pass "
+                                             "partial_restore=True to restore the variables that match") from None
+            return ""
+        skipped: list[str] = []
+        restored = 0
+        for variables, fname, what in groups:
+            done, left = _state.restore_matching(variables, path / fname)
+            restored += len(done)
+            skipped += [f"{what}: {s}" for s in left]
+        return (f" Partial restore: {restored} variables restored, {len(skipped)} left as they were"
+                + (f": {'; '.join(skipped[:20])}" if skipped else "") + ".")
+
+    def _resume_inside_epoch(self, plan: dict[str, Any]) -> None:
+        """Sets up the rest of an interrupted epoch: same shuffle, same accumulators, same random draws."""
+        assert self._restored_from is not None
+        _resume.set_rng_state(plan["rng_epoch_begin"])  # the data pipeline draws this epoch's shuffle again
+        self._rng_epoch_begin = plan["rng_epoch_begin"]
+        _state.restore_variables(_resume.metric_variables(self.model), self._restored_from / _resume.METRICS_FILE,
+                                 "metric accumulators")
+        _resume.skip_batches(self.model, plan["batch"] // plan["steps_per_execution"], plan["logs"],
+                             before_first_step=lambda: _resume.set_rng_state(plan["rng"]),
+                             pending=frozenset(plan["pending"]))
+
+    def _restore_callbacks(self, states: dict[str, Any]) -> None:
+        for key, cb in _resume.registered(self.model).items():
+            if key in states:
+                cb.restore_resume_state(states[key])
+
+    # -- preemption -----------------------------------------------------------------------
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("BackupAndRestore(save_before_preemption=True) must run fit() on the main thread: "
+                             "Python delivers signals only there. Call fit() from the main thread, or pass "
+                             f"save_before_preemption=False. Received: thread={threading.current_thread().name}")
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._on_signal)
+
+    def _uninstall_handlers(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if self._signal is not None:  # a second signal: do what would have happened without us
+            self._uninstall_handlers()
+            _deliver(previous, signum, frame)
+            return
+        self._signal = signum
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
+
+    def _stop_for_signal(self, epoch: int, batch: int, logs: dict[str, Any] | None) -> None:
+        self._save(epoch=epoch, batch=batch, logs=logs)
+        self._stopped_by_signal = True
+        self.model.stop_training = True
+        if self.verbose > 0:
+            name = signal.Signals(self._signal).name if self._signal is not None else "signal"
+            where = f"epoch {epoch + 1}, batch {batch}" if batch else f"the end of epoch {epoch}"
+            _print_msg(f"\nBackupAndRestore: received {name}; saved the training state at {where} (step "
+                       f"{self._last_step}) to {self.backup_dir} and stopped training. Run the same script "
+                       "again to resume from there.")
+
+
+def _check_signal(value: Any) -> int:
+    valid = signal.valid_signals()
+    if isinstance(value, bool) or not isinstance(value, int) or value not in valid:
+        raise ValueError(f"`preemption_signals` must list signal numbers such as signal.SIGTERM. "
+                         f"Received: {value!r}")
+    if value in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"`preemption_signals` cannot include {signal.Signals(value).name}: a process cannot "
+                         f"catch it, so nothing can be saved. Received: {value!r}")
+    return int(value)
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    if handler is signal.SIG_IGN:
+        return
+    if callable(handler):
+        handler(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    index = folder / ".keepbest"
+    if index.is_dir() and not any(index.iterdir()):
+        index.rmdir()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        _fs.fsync_dir(folder.parent)
