@@ -14,12 +14,15 @@ committed by the store, so the previous file survives any failure.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
-from keepbest.keras import _state
+from keepbest.errors import StorageError
+from keepbest.keras import _host, _state
 from keepbest.checkpoint import TensorPayload
 from keepbest.manifest import FileEntry
 from keepbest.writer import Staging
@@ -69,6 +72,7 @@ class KerasFilePayload:
     detached: bool = False  # Keras's writers read the live model: always written on the caller's thread
 
     def write(self, target: Path) -> tuple[FileEntry, ...]:
+        _check_free_space(self.model, target)
         if self.format == KERAS or self.format == LEGACY_H5:
             self.model.save(target, overwrite=True)
         elif self.format == WEIGHTS_H5:
@@ -76,6 +80,39 @@ class KerasFilePayload:
         else:
             _write_legacy_weights(self.model, target)
         return ()  # the store hashes what Keras wrote
+
+
+# What HDF5 adds to the tensors (headers, the config, a .keras zip's metadata): generous on purpose.
+_OVERHEAD = 256 * 1024
+
+
+def _check_free_space(model: keras.Model, target: Path) -> None:
+    """Refuses a Keras file save that cannot fit, before HDF5 starts writing.
+
+    On a full disk HDF5 fails inside its destructors (h5py reports errors it
+    cannot raise) and the legacy ``.h5`` writer can crash the process; a
+    clear error beforehand is better, and the previous checkpoint is kept
+    either way.
+    """
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        variables += list(optimizer.variables)
+    need = sum(int(_host.numpy_dtype(v).itemsize) * int(_prod(v.shape)) for v in variables) + _OVERHEAD
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        raise StorageError(
+            errno.ENOSPC, f"Cannot save checkpoint {target.name.split('-', 4)[-1]} in {target.parent}: "
+            f"{free} bytes are free on its filesystem and the file needs about {need}. Free some space "
+            "or save elsewhere; the previous checkpoint is kept. "
+            f"Received: free={free}, needed={need}", str(target))
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _write_legacy_weights(model: keras.Model, target: Path) -> None:
