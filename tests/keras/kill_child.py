@@ -29,8 +29,11 @@ def build_model() -> keras.Model:
 def main() -> None:
     filepath, log_path, base = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model = build_model()
+    # "..._async_ckpt": a keepbest folder saved by the background writer; its "end" is logged when the
+    # save is committed (wait), so a kill can land while the training thread has moved on.
+    async_save = filepath.endswith("_async_ckpt")
     cb = ModelCheckpoint(filepath, monitor="val_loss", mode="min", save_best_only=True,
-                         save_weights_only=filepath.endswith(".weights.h5"))
+                         save_weights_only=filepath.endswith(".weights.h5"), async_save=async_save)
     cb.set_model(model)
     cb.on_train_begin()
     with open(log_path, "a", buffering=1) as log:
@@ -41,6 +44,8 @@ def main() -> None:
                 v.assign(np.full(v.shape, k, dtype=v.dtype))
             log.write(f"begin {k}\n")
             cb.on_epoch_end(i, {"loss": 1.0, "val_loss": 1.0 / (k + 1)})
+            if async_save:
+                cb.wait()
             log.write(f"end {k}\n")
 
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Runs the SIGKILL harness for a long count and prints what it found.
+
+    python3 scripts/kill_soak.py [--kills 200] [--seed N] [--backend jax]
+
+Each kill is a real training process SIGKILLed at a random moment while it
+saves new bests back to back (``tests/keras/kill_harness.py``); the kills are
+spread over every format (.keras, .weights.h5, .h5, keepbest folder, keepbest
+folder with async saves). Prints, per format and in total: trials, kills
+that landed inside a save, previous-best lost, corrupt accepted, orphans
+left. Exit status 1 if any of the last three is not zero. Run it from the
+set-up environment (``python3 scripts/dev.py setup`` then ``.venv/bin/python``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kills", type=int, default=200, help="total kills, spread over the formats (default 200)")
+    p.add_argument("--seed", type=int, default=random.SystemRandom().randrange(10**6))
+    p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
+    a = p.parse_args()
+    os.environ["KERAS_BACKEND"] = a.backend
+    os.environ.setdefault("KERAS_HOME", str(ROOT / ".keras_home"))
+    sys.path.insert(0, str(ROOT))
+    from tests.keras.kill_child import build_model
+    from tests.keras.kill_harness import FORMATS, run
+
+    per_format = [a.kills // len(FORMATS) + (i < a.kills % len(FORMATS)) for i in range(len(FORMATS))]
+    print(f"kill soak: {a.kills} kills over {len(FORMATS)} formats, backend {a.backend}, seed {a.seed}", flush=True)
+    model = build_model()
+    totals = dict(trials=0, mid_save=0, lost=0, corrupt_accepted=0, orphans=0)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="keepbest-soak-") as tmp:
+        for filename, kills in zip(FORMATS, per_format):
+            summary = run(filename, kills, a.seed, Path(tmp) / filename.replace(".", "_"), model)
+            print(summary.line(), flush=True)
+            for problem in summary.problems:
+                print(f"  {problem}", flush=True)
+            for key in totals:
+                totals[key] += getattr(summary, key)
+    print(f"total: trials {totals['trials']}, killed inside a save {totals['mid_save']}, previous-best lost "
+          f"{totals['lost']}, corrupt accepted {totals['corrupt_accepted']}, orphans left {totals['orphans']} "
+          f"(seed {a.seed}, {time.monotonic() - started:.0f} s)")
+    return 1 if totals["lost"] or totals["corrupt_accepted"] or totals["orphans"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
