@@ -188,6 +188,34 @@ def test_corrupt_single_backup_raises_naming_the_file(tmp_path, digits):
         _fit(make_model_built(digits), digits, [BackupAndRestore(tmp_path / "b", verbose=0)])
 
 
+@pytest.mark.parametrize("edit", [lambda d: d.pop("epoch"), lambda d: d.update(batch="3"), lambda d: d.update(epoch=-1)])
+def test_training_state_with_wrong_fields_is_rejected_before_anything_is_restored(tmp_path, digits, edit):
+    with pytest.raises(RuntimeError):
+        _fit(make_model(), digits, [BackupAndRestore(tmp_path / "b", verbose=0), Interrupt(epoch=2)])
+    (ckpt,) = _backups(tmp_path / "b")
+    doc = json.loads((ckpt.path / "training.json").read_text())
+    edit(doc)
+    _rewrite(tmp_path / "b", ckpt, "training.json", json.dumps(doc).encode())
+    model = make_model_built(digits)
+    before = weights_of(model)
+    with pytest.raises(CorruptCheckpointError, match="training.json: it is not a training state written by keepbest"):
+        _fit(model, digits, [BackupAndRestore(tmp_path / "b", verbose=0)])
+    for a, b in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _rewrite(root: Path, ckpt, fname: str, data: bytes) -> None:
+    """Replaces one file of a checkpoint and re-records its digest, as a hand edit with care would."""
+    from keepbest import _digest
+
+    (ckpt.path / fname).write_bytes(data)
+    h = _digest.new()
+    h.update(data)
+    files = tuple(f if f.path != fname else type(f)(path=fname, size=len(data), digest=h.hexdigest())
+                  for f in ckpt.manifest.files)
+    (ckpt.path / "manifest.json").write_bytes(ckpt.manifest.with_files(files).to_json())
+
+
 def test_changed_optimizer_slots_raise_instead_of_being_skipped(tmp_path, digits):
     with pytest.raises(RuntimeError):
         _fit(make_model(), digits, [BackupAndRestore(tmp_path / "b", verbose=0), Interrupt(epoch=1)])

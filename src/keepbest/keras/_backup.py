@@ -14,7 +14,7 @@ import numpy as np
 
 from keepbest import _fs
 from keepbest.checkpoint import TensorPayload, first_verified
-from keepbest.errors import StateMismatchError
+from keepbest.errors import CorruptCheckpointError, StateMismatchError
 from keepbest.keras import _host, _resume, _state
 from keepbest.keras._callback import _is_number, _print_msg
 from keepbest.manager import CheckpointManager
@@ -185,7 +185,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"Model {model} is unbuilt. You can build it beforehand by calling it on a batch of data.")
         ckpt = first_verified(self._manager.store, list(reversed(ckpts)), wanted=str(ckpts[-1].path))
         files = {f.path for f in ckpt.manifest.files}
-        plan = json.loads((ckpt.path / TRAINING_FILE).read_text(encoding="utf-8"))
+        plan = _read_plan(ckpt.path / TRAINING_FILE)
         report = self._assign(model, ckpt.path, files)
         if plan["batch"] > 0 and plan["steps_per_execution"] != int(getattr(model, "steps_per_execution", 1) or 1):
             raise ValueError(
@@ -282,6 +282,25 @@ class BackupAndRestore(keras.callbacks.Callback):
             _print_msg(f"\nBackupAndRestore: received {name}; saved the training state at {where} (step "
                        f"{self._last_step}) to {self.backup_dir} and stopped training. Run the same script "
                        "again to resume from there.")
+
+
+_PLAN_TYPES = {"epoch": int, "batch": int, "steps_per_execution": int, "batches_since_save": int,
+               "rng": dict, "logs": dict, "callbacks": dict, "pending": list}
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    """The training position and generator states of a backup, checked before anything uses them."""
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        wrong = [k for k, t in _PLAN_TYPES.items() if not isinstance(plan.get(k), t) or isinstance(plan.get(k), bool)]
+    except (OSError, ValueError, AttributeError) as e:
+        wrong, plan = [f"unreadable ({e})"], None
+    if wrong or plan["epoch"] < 0 or plan["batch"] < 0 or plan["steps_per_execution"] < 1:
+        raise CorruptCheckpointError(
+            f"Cannot resume from {path}: it is not a training state written by keepbest (bad or missing "
+            f"{', '.join(wrong) or 'epoch/batch values'}). Delete the backup folder to start afresh, or "
+            f"restore it from a copy. Received: {str(plan)[:200]}")
+    return plan
 
 
 def _check_signal(value: Any) -> int:
