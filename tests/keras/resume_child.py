@@ -10,7 +10,7 @@ line to LOG: ``step`` (optimizer iterations after it), ``loss`` (Keras's
 running mean) and ``batch_id`` (a fingerprint of the sample indices in the
 batch, from a metric). ``--kill-at-step`` SIGKILLs the process right after
 that step. With ``--preemption`` the backup saves on SIGTERM; the process
-writes ``ready`` to LOG once training runs and, when fit returns, a ``done``
+writes ``ready`` to LOG after its first step and, when fit returns, a ``done``
 line with the final step and a hash of the weights.
 """
 
@@ -78,6 +78,7 @@ class StepLog(keras.callbacks.Callback):
         super().__init__()
         self.log, self.kill_at, self.slow = log, kill_at, slow
         self.last = None
+        self.ready = False
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -86,7 +87,8 @@ class StepLog(keras.callbacks.Callback):
         self.last = step
         self.log.write(json.dumps({"step": step, "loss": float(logs["loss"]),
                                    "batch_id": float(logs["batch_id"])}) + "\n")
-        if step == 1:
+        if not self.ready:
+            self.ready = True
             self.log.write("ready\n")
         if step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)

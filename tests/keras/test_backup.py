@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -67,6 +68,28 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses_and_batch_order(t
         assert after[step]["batch_id"] == full[step]["batch_id"], f"batch order differs at step {step}"
         assert after[step]["loss"] == pytest.approx(full[step]["loss"], abs=1e-6), f"loss differs at step {step}"
     assert _done(tmp_path / "resumed")["weights"] == _done(uninterrupted)["weights"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
+    seed = int(os.environ.get("KEEPBEST_KILL_SEED", str(random.SystemRandom().randrange(10**6))))
+    rng = random.Random(seed)
+    steps_at_kill = []
+    for attempt in range(2):  # two kills at random moments (a backup every 3 steps: some land inside one)
+        log = tmp_path / f"log{attempt}"
+        child = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "backup"), str(log), "--save-freq", "3",
+                                  "--slow", "0.02"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "ready" in log.read_text()):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-3000:]
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.2, 2.0))
+        child.kill()
+        child.communicate()
+        steps_at_kill.append(max(_steps(log), default=0))
+    _run(str(tmp_path / "backup"), str(tmp_path / "final"), "--save-freq", "3")
+    print(f"killed after steps {steps_at_kill} (seed {seed})")
+    assert _done(tmp_path / "final")["weights"] == _done(uninterrupted)["weights"], f"seed {seed}, {steps_at_kill}"
 
 
 @pytest.mark.slow
@@ -330,3 +353,39 @@ def test_second_signal_goes_to_the_previous_handler(tmp_path, digits):
         signal.signal(signal.SIGUSR1, previous)
     assert calls == [signal.SIGUSR1, signal.SIGUSR1]
     assert [c.step for c in _backups(tmp_path / "b")] == [3]
+
+
+def _losses_per_step(digits, callbacks, steps_per_execution):
+    """Per-step running-mean losses of a seeded fit of 4 epochs of 10 batches (one line per batch end)."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dropout(0.3), keras.layers.Dense(10)])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
+    seen = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen[int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))] = float(logs["loss"])
+
+    x, y = digits
+    try:
+        model.fit(x[:320], y[:320], batch_size=32, epochs=4, verbose=0, callbacks=[*callbacks, Record()])
+    except RuntimeError:
+        pass
+    return seen
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_in_process_resume_inside_an_epoch_repeats_the_losses(tmp_path, digits, steps_per_execution):
+    if steps_per_execution > 1 and keras.backend.backend() == "torch":
+        pytest.skip("Keras forbids steps_per_execution > 1 on torch")
+    reference = _losses_per_step(digits, [], steps_per_execution)
+    _losses_per_step(digits, [BackupAndRestore(tmp_path / "b", save_freq=4, verbose=0),
+                              Interrupt(step=26)], steps_per_execution)  # backup at 24: epoch 3, batch 4
+    resumed = _losses_per_step(digits, [BackupAndRestore(tmp_path / "b", save_freq=4, verbose=0)],
+                               steps_per_execution)
+    assert min(s for s in resumed if s > 24) == 24 + steps_per_execution
+    for step in range(25, 41):
+        if step in reference:
+            assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step

@@ -284,23 +284,57 @@ class BackupAndRestore(keras.callbacks.Callback):
                        "again to resume from there.")
 
 
-_PLAN_TYPES = {"epoch": int, "batch": int, "steps_per_execution": int, "batches_since_save": int,
-               "rng": dict, "logs": dict, "callbacks": dict, "pending": list}
+def _ints(value: Any, n: int | None = None) -> bool:
+    return (isinstance(value, list) and (n is None or len(value) == n)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
+
+
+def _int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _rng_ok(rng: Any) -> bool:
+    """The shape of what :func:`keepbest.keras._resume.rng_state` writes."""
+    try:
+        version, internal, gauss = rng["python"]
+        np_state = rng["numpy"]
+        return (_int(version) and _ints(internal, 625) and (gauss is None or isinstance(gauss, float))
+                and np_state["kind"] == "MT19937" and _ints(np_state["keys"], 624) and _int(np_state["pos"])
+                and _int(np_state["has_gauss"]) and isinstance(np_state["cached_gaussian"], (int, float))
+                and ("torch" not in rng or _ints(rng["torch"])))
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
+_PLAN_CHECKS: dict[str, Any] = {
+    "epoch": _int, "batch": _int, "steps_per_execution": lambda v: _int(v, 1),
+    "batches_since_save": _int, "last_batch_seen": lambda v: v is None or _int(v),
+    "rng": _rng_ok, "rng_epoch_begin": lambda v: v is None or _rng_ok(v),
+    "global_seed": lambda v: v is None or _ints(v, 2),
+    "logs": lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
+    "callbacks": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+    "pending": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
     """The training position and generator states of a backup, checked before anything uses them."""
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
-        wrong = [k for k, t in _PLAN_TYPES.items() if not isinstance(plan.get(k), t) or isinstance(plan.get(k), bool)]
-    except (OSError, ValueError, AttributeError) as e:
+        wrong = [k for k, ok in _PLAN_CHECKS.items() if not ok(plan.get(k))] if isinstance(plan, dict) else ["all"]
+        if not wrong:
+            for key in ("last_batch_seen", "rng_epoch_begin", "global_seed"):  # these may be absent: None
+                plan.setdefault(key, None)
+        if not wrong and plan["batch"] > 0 and plan["rng_epoch_begin"] is None:
+            wrong = ["rng_epoch_begin"]
+    except (OSError, ValueError) as e:
         wrong, plan = [f"unreadable ({e})"], None
-    if wrong or plan["epoch"] < 0 or plan["batch"] < 0 or plan["steps_per_execution"] < 1:
+    if wrong:
         raise CorruptCheckpointError(
-            f"Cannot resume from {path}: it is not a training state written by keepbest (bad or missing "
-            f"{', '.join(wrong) or 'epoch/batch values'}). Delete the backup folder to start afresh, or "
-            f"restore it from a copy. Received: {str(plan)[:200]}")
-    return plan
+            f"Cannot resume from {path}: it is not a training state written by keepbest (bad or missing: "
+            f"{', '.join(wrong)}). Delete the backup folder to start afresh, or restore it from a copy. "
+            f"Received: {str(plan)[:200]}")
+    return plan  # type: ignore[no-any-return]
 
 
 def _check_signal(value: Any) -> int:
