@@ -75,7 +75,8 @@ def run_and_kill(filepath: Path, log: Path, base: int, delay: float) -> Trial:
     while "ready" not in log.read_text():
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
-            raise RuntimeError(f"kill child did not start: {child.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            error = child.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            raise RuntimeError(f"kill child did not start: {error}")
         time.sleep(0.02)
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)

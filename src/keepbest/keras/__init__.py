@@ -15,5 +15,6 @@ from keepbest.keras._loading import load_model, load_weights
 from keepbest.keras._sidecar import SidecarEvaluator, SidecarEvaluatorModelExport
 from keepbest.keras import callbacks, utils
 
-__all__ = ["BackupAndRestore", "ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks", "load_model",
+__all__ = ["BackupAndRestore", "ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks",
+           "load_model",
            "load_weights", "utils"]

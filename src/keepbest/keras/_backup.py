@@ -158,9 +158,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             "epoch": epoch, "batch": batch,
             "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
             "last_batch_seen": self._last_batch_seen, "batches_since_save": self._batches_since_save,
-            "rng": _resume.rng_state(), "global_seed": _resume.global_seed_state(), "rng_epoch_begin": self._rng_epoch_begin if batch else None,
-            "logs": numbers,
-            "callbacks": callbacks,
+            "rng": _resume.rng_state(), "global_seed": _resume.global_seed_state(),
+            "rng_epoch_begin": self._rng_epoch_begin if batch else None,
+            "logs": numbers, "callbacks": callbacks,
             # keepbest callbacks listed after this one have not handled this batch yet: on resume they do
             "pending": sorted(k for k, st in callbacks.items() if batch and st.get("seen") != [self._epoch, batch - 1]),
         }
@@ -186,13 +186,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         ckpt = first_verified(self._manager.store, list(reversed(ckpts)), wanted=str(ckpts[-1].path))
         files = {f.path for f in ckpt.manifest.files}
         plan = _read_plan(ckpt.path / TRAINING_FILE)
-        report = self._assign(model, ckpt.path, files)
         if plan["batch"] > 0 and plan["steps_per_execution"] != int(getattr(model, "steps_per_execution", 1) or 1):
             raise ValueError(
                 f"Cannot resume inside epoch {plan['epoch'] + 1} from {ckpt.path}: it was backed up with "
                 f"steps_per_execution={plan['steps_per_execution']}, this model has "
                 f"{model.steps_per_execution}. Compile with the same steps_per_execution. "
                 f"Received: steps_per_execution={model.steps_per_execution}")
+        report = self._assign(model, ckpt.path, files)
         model._initial_epoch = plan["epoch"]
         self._last_batch_seen, self._batches_since_save = plan["last_batch_seen"], plan["batches_since_save"]
         self._restored_from = ckpt.path

@@ -128,7 +128,7 @@ def restore_variables(variables: Sequence[Any], file: Path, what: str) -> None:
     wrong = [
         f"{p}: checkpoint {tuple(arr.shape)} {arr.dtype}, model {tuple(v.shape)} {v.dtype}"
         for p, arr, v in pairs
-        if tuple(arr.shape) != tuple(v.shape) or np.dtype(arr.dtype) != np.dtype(keras.backend.standardize_dtype(v.dtype))
+        if not _same_spec(arr, v)
     ]
     if wrong:
         raise StateMismatchError(
@@ -159,12 +159,16 @@ def restore_matching(variables: Sequence[Any], file: Path) -> tuple[list[str], l
         arr = tensors.get(saved) if saved is not None else None
         if arr is None:
             skipped.append(f"{path} (not in the checkpoint)")
-        elif tuple(arr.shape) != tuple(v.shape) or np.dtype(arr.dtype) != np.dtype(keras.backend.standardize_dtype(v.dtype)):
+        elif not _same_spec(arr, v):
             skipped.append(f"{path} (checkpoint {tuple(arr.shape)} {arr.dtype}, model {tuple(v.shape)} {v.dtype})")
         else:
             _host.assign(v, arr)
             restored.append(path)
     return restored, skipped
+
+
+def _same_spec(arr: np.ndarray, variable: Any) -> bool:
+    return tuple(arr.shape) == tuple(variable.shape) and np.dtype(arr.dtype) == _host.numpy_dtype(variable)
 
 
 def _take(counts: Counter[str], key: str) -> bool:
