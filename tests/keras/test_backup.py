@@ -55,16 +55,22 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_repeats_the_uninterrupted_losses_and_batch_order(tmp_path, uninterrupted):
-    killed = _run(str(tmp_path / "backup"), str(tmp_path / "killed"), "--save-freq", "5", "--kill-at-step", "53",
-                  check=False)
+@pytest.mark.parametrize("kill_at, backup_at, where", [
+    (53, 50, "epoch 3, batch 10"),  # the middle of an epoch
+    (61, 60, "epoch 3, batch 20"),  # the backup was taken at the last batch of an epoch
+])
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses_and_batch_order(tmp_path, uninterrupted, kill_at,
+                                                                               backup_at, where):
+    killed = _run(str(tmp_path / "backup"), str(tmp_path / "killed"), "--save-freq", "5", "--kill-at-step",
+                  str(kill_at), check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert max(_steps(tmp_path / "killed")) == 53  # steps 51-53 are lost: the last backup is at step 50
+    assert max(_steps(tmp_path / "killed")) == kill_at  # the steps after the last backup are lost
     resumed = _run(str(tmp_path / "backup"), str(tmp_path / "resumed"), "--save-freq", "5")
-    assert "resumes at epoch 3, batch 10" in resumed.stdout
+    assert f"resumes at {where}" in resumed.stdout
     full, after = _steps(uninterrupted), _steps(tmp_path / "resumed")
-    assert sorted(after) == list(range(50, 101))  # step 50 is the skipped batch the resumed run reports first
-    for step in range(51, 101):
+    # the first line is a skipped batch, reported with the step of the backup
+    assert sorted(after) == list(range(backup_at, 101))
+    for step in range(backup_at + 1, 101):
         assert after[step]["batch_id"] == full[step]["batch_id"], f"batch order differs at step {step}"
         assert after[step]["loss"] == pytest.approx(full[step]["loss"], abs=1e-6), f"loss differs at step {step}"
     assert _done(tmp_path / "resumed")["weights"] == _done(uninterrupted)["weights"]

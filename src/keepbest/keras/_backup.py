@@ -240,7 +240,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         _state.restore_variables(_resume.metric_variables(self.model), self._restored_from / _resume.METRICS_FILE,
                                  "metric accumulators")
         _resume.skip_batches(self.model, plan["batch"] // plan["steps_per_execution"], plan["logs"],
-                             before_first_step=lambda: _resume.set_rng_state(plan["rng"]),
+                             at_backup_point=lambda: _resume.set_rng_state(plan["rng"]),
                              pending=frozenset(plan["pending"]))
 
     def _restore_callbacks(self, states: dict[str, Any]) -> None:

@@ -124,17 +124,18 @@ def metric_variables(model: keras.Model) -> list[Any]:
 
 
 # -- skipping batches already trained ----------------------------------------------------------
-def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], before_first_step: Callable[[], None],
+def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], at_backup_point: Callable[[], None],
                  pending: frozenset[str] = frozenset()) -> None:
     """Answers the next ``calls`` calls of ``model.train_function`` without training.
 
     Each skipped call still takes its batches from the data iterator (JAX and
     TensorFlow pass the iterator; torch's loop has already taken the batch),
     so the data order is that of the interrupted run. The logs returned are
-    those recorded at the backup. ``before_first_step`` runs just before the
-    first real step (to set the random generators as they were at the backup,
-    after the data pipeline drew its shuffle). The callbacks in ``pending``
-    handle the last skipped batch (see :func:`replaying`).
+    those recorded at the backup. ``at_backup_point`` runs at the end of the
+    last skipped call, where the backup was taken: after the data pipeline
+    drew this epoch's shuffle, before anything of the next batch (torch's
+    ``DataLoader`` draws the next epoch's shuffle before the next call). The
+    callbacks in ``pending`` handle the last skipped batch (see :func:`replaying`).
     """
     original = model.train_function
     backend = keras.backend.backend()
@@ -143,27 +144,24 @@ def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], before_
 
     def train_function(*args: Any) -> Any:
         nonlocal remaining
-        if remaining > 0:
-            remaining -= 1
-            _replaying[model] = (remaining, pending)
-            if backend == "jax":
-                state, iterator = args
-                for _ in range(per_call):
-                    next(iterator)
-                return dict(logs), state
-            if backend == "tensorflow":
-                for _ in range(per_call):
-                    next(args[0])
-            return dict(logs)
-        _replaying.pop(model, None)
-        model.train_function = original
-        before_first_step()
-        return original(*args)
+        if remaining == 0:
+            _replaying.pop(model, None)
+            model.train_function = original
+            return original(*args)
+        remaining -= 1
+        _replaying[model] = (remaining, pending)
+        if backend in ("jax", "tensorflow"):
+            iterator = args[1] if backend == "jax" else args[0]
+            for _ in range(per_call):
+                next(iterator)
+        if remaining == 0:
+            at_backup_point()
+        return (dict(logs), args[0]) if backend == "jax" else dict(logs)
 
     if calls > 0:
         model.train_function = train_function
     else:
-        before_first_step()
+        at_backup_point()
 
 
 def stop_skipping(model: keras.Model) -> None:
