@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Runs the SIGKILL harness for a long count and prints what it found.
 
-    python3 scripts/kill_soak.py [--kills 200] [--seed N] [--backend jax]
+    python3 scripts/kill_soak.py [--kills 200] [--resume-trials 20] [--seed N] [--backend jax]
 
 Each kill is a real training process SIGKILLed at a random moment while it
 saves new bests back to back (``tests/keras/kill_harness.py``); the kills are
 spread over every format (.keras, .weights.h5, .h5, keepbest folder, keepbest
 folder with async saves). Prints, per format and in total: trials, kills
 that landed inside a save, previous-best lost, corrupt accepted, orphans
-left. Exit status 1 if any of the last three is not zero. Run it from the
+left. Then ``--resume-trials`` times, a training run under BackupAndRestore is
+SIGKILLed twice at random moments and resumed to the end
+(``tests/keras/resume_harness.py``): prints how many ended with other
+weights than an uninterrupted run (inexact resumes). Exit status 1 if
+any of these counts is not zero. Run it from the
 set-up environment (``python3 scripts/dev.py setup`` then ``.venv/bin/python``).
 """
 
@@ -28,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=200, help="total kills, spread over the formats (default 200)")
+    p.add_argument("--resume-trials", type=int, default=20,
+                   help="kill-and-resume trials of BackupAndRestore (default 20)")
     p.add_argument("--seed", type=int, default=random.SystemRandom().randrange(10**6))
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
     a = p.parse_args()
@@ -36,6 +42,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from tests.keras.kill_child import build_model
     from tests.keras.kill_harness import FORMATS, run
+    from tests.keras.resume_harness import final_weights, kill_then_resume, run_child
 
     per_format = [a.kills // len(FORMATS) + (i < a.kills % len(FORMATS)) for i in range(len(FORMATS))]
     print(f"kill soak: {a.kills} kills over {len(FORMATS)} formats, backend {a.backend}, seed {a.seed}", flush=True)
@@ -50,10 +57,26 @@ def main() -> int:
                 print(f"  {problem}", flush=True)
             for key in totals:
                 totals[key] += getattr(summary, key)
+        inexact = 0
+        if a.resume_trials:
+            reference = Path(tmp) / "uninterrupted"
+            reference.mkdir()
+            run_child(str(reference / "backup"), str(reference / "log"))
+            expected = final_weights(reference / "log")
+            rng = random.Random(f"{a.seed}-resume")
+            for trial in range(a.resume_trials):
+                folder = Path(tmp) / f"resume{trial}"
+                folder.mkdir()
+                reached, weights = kill_then_resume(folder, rng)
+                if weights != expected:
+                    inexact += 1
+                    print(f"  inexact resume: trial {trial + 1}, killed after steps {reached}", flush=True)
+            print(f"BackupAndRestore: resume trials {a.resume_trials} (2 kills each), inexact resumes {inexact}",
+                  flush=True)
     print(f"total: trials {totals['trials']}, killed inside a save {totals['mid_save']}, previous-best lost "
           f"{totals['lost']}, corrupt accepted {totals['corrupt_accepted']}, orphans left {totals['orphans']} "
           f"(seed {a.seed}, {time.monotonic() - started:.0f} s)")
-    return 1 if totals["lost"] or totals["corrupt_accepted"] or totals["orphans"] else 0
+    return 1 if totals["lost"] or totals["corrupt_accepted"] or totals["orphans"] or inexact else 0
 
 
 if __name__ == "__main__":

@@ -26,20 +26,14 @@ from keepbest.manager import CheckpointManager
 from keepbest.storage import LocalStore
 
 from .conftest import make_model, user_warnings, weights_of
-
-CHILD = Path(__file__).with_name("resume_child.py")
+from .resume_harness import CHILD, final_weights, kill_then_resume, run_child
+from .resume_harness import steps as _steps
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
     if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _steps(log: Path) -> dict[int, dict]:
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"step"')]
-    return {d["step"]: d for d in lines}
+        return run_child(*args)
+    return subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
 
 
 def _done(log: Path) -> dict:
@@ -79,23 +73,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses_and_batch_order(t
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
     seed = int(os.environ.get("KEEPBEST_KILL_SEED", str(random.SystemRandom().randrange(10**6))))
-    rng = random.Random(seed)
-    steps_at_kill = []
-    for attempt in range(2):  # two kills at random moments (a backup every 3 steps: some land inside one)
-        log = tmp_path / f"log{attempt}"
-        child = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "backup"), str(log), "--save-freq", "3",
-                                  "--slow", "0.02"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not (log.exists() and "ready" in log.read_text()):
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-3000:]
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.2, 2.0))
-        child.kill()
-        child.communicate()
-        steps_at_kill.append(max(_steps(log), default=0))
-    _run(str(tmp_path / "backup"), str(tmp_path / "final"), "--save-freq", "3")
-    print(f"killed after steps {steps_at_kill} (seed {seed})")
-    assert _done(tmp_path / "final")["weights"] == _done(uninterrupted)["weights"], f"seed {seed}, {steps_at_kill}"
+    reached, weights = kill_then_resume(tmp_path, random.Random(seed))  # a backup every 3 steps
+    print(f"killed after steps {reached} (seed {seed})")
+    assert weights == final_weights(uninterrupted), f"seed {seed}, killed after steps {reached}"
 
 
 @pytest.mark.slow
