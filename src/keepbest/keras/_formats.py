@@ -25,6 +25,7 @@ from keepbest.errors import StorageError
 from keepbest.keras import _host, _state
 from keepbest.checkpoint import TensorPayload
 from keepbest.manifest import FileEntry
+from keepbest.storage import TMP_PREFIX
 from keepbest.writer import Staging
 
 KERAS = "keras"
@@ -102,10 +103,15 @@ def _check_free_space(model: keras.Model, target: Path) -> None:
     free = shutil.disk_usage(target.parent).free
     if free < need:
         raise StorageError(
-            errno.ENOSPC, f"Cannot save checkpoint {target.name.split('-', 4)[-1]} in {target.parent}: "
+            errno.ENOSPC, f"Cannot save checkpoint {_final_name(target)} in {target.parent}: "
             f"{free} bytes are free on its filesystem and the file needs about {need}. Free some space "
             "or save elsewhere; the previous checkpoint is kept. "
             f"Received: free={free}, needed={need}", str(target))
+
+
+def _final_name(staged: Path) -> str:
+    """``best.keras`` for the staged ``.keepbest-tmp-<writer>-<random>-best.keras``."""
+    return staged.name.removeprefix(TMP_PREFIX).split("-", 2)[-1]
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -35,17 +35,19 @@ class ResumableCallback(Protocol):
     def restore_resume_state(self, state: dict[str, Any]) -> None: ...
 
 
-_callbacks: "weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]]" = weakref.WeakKeyDictionary()
+# model -> {resume key -> callback}: the callback registered last under a key is the current fit's.
+_callbacks: "weakref.WeakKeyDictionary[Any, dict[str, weakref.ref[Any]]]" = weakref.WeakKeyDictionary()
 _replaying: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[str]]]" = weakref.WeakKeyDictionary()
 
 
 def register(model: keras.Model, callback: ResumableCallback) -> None:
     """Makes ``callback``'s state part of the training state a backup of ``model`` records."""
-    _callbacks.setdefault(model, weakref.WeakSet()).add(callback)
+    _callbacks.setdefault(model, {})[callback.resume_key()] = weakref.ref(callback)
 
 
 def registered(model: keras.Model) -> dict[str, ResumableCallback]:
-    return {cb.resume_key(): cb for cb in _callbacks.get(model, ())}
+    found = {key: ref() for key, ref in _callbacks.get(model, {}).items()}
+    return {key: cb for key, cb in found.items() if cb is not None}
 
 
 def replaying(model: keras.Model, key: str | None = None) -> bool:
