@@ -375,3 +375,14 @@ def test_in_process_resume_inside_an_epoch_repeats_the_losses(tmp_path, digits, 
     for step in range(25, 41):
         if step in reference:
             assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_the_model_checkpoint_of_the_current_fit_is_the_one_backed_up(tmp_path):
+    from keepbest.keras import _resume
+
+    model = make_model()
+    earlier, current = ModelCheckpoint(tmp_path / "m.keras"), ModelCheckpoint(tmp_path / "m.keras")
+    for cb in (earlier, current):  # an earlier fit's callback may still be alive (a failed fit keeps it)
+        cb.set_model(model)
+        cb.on_train_begin()
+    assert _resume.registered(model) == {f"ModelCheckpoint:{tmp_path / 'm.keras'}": current}
