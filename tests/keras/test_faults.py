@@ -13,17 +13,19 @@ fault:
 Faults: the store failing at each step of its commit (``_reached`` seam), an
 exception inside the framework's own save after writing half a file, a real
 full disk (a small tmpfs, filled up) and a real read-only filesystem (the
-tmpfs remounted read-only), a directory without write permission (not
-testable as root, which ignores permissions: skipped then), and a failure in
-the background writer (``async_save=True``).
+tmpfs remounted read-only), a directory without write permission (as root,
+the training thread first gives up the capability to ignore permissions),
+and a failure in the background writer (``async_save=True``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -252,21 +254,69 @@ def test_read_only_filesystem_keeps_the_previous_checkpoint(small_fs, digits, ki
 
 @pytest.mark.parametrize("kind", FORMATS)
 def test_directory_without_write_permission_keeps_the_previous_checkpoint(tmp_path, digits, kind):
-    if os.geteuid() == 0:
-        pytest.skip("running as root, which ignores permissions; the read-only filesystem case covers it")
     root = tmp_path / "backup" if kind == "backup" else tmp_path
+    folders = [root, root / ".keepbest"]
+    caps = _DacOverride()
 
     def arm():
-        root.chmod(0o555)
-        (root / ".keepbest").chmod(0o555) if (root / ".keepbest").is_dir() else None
+        for folder in folders:
+            if folder.is_dir():
+                folder.chmod(0o555)
+        caps.drop()  # root ignores permissions unless this thread gives up CAP_DAC_OVERRIDE
 
     try:
         error, recorder = _train_into_fault(kind, tmp_path, digits, arm)
     finally:
-        root.chmod(0o755)
-        (root / ".keepbest").chmod(0o755) if (root / ".keepbest").is_dir() else None
+        caps.restore()
+        for folder in folders:
+            if folder.is_dir():
+                folder.chmod(0o755)
     assert any(e.errno == errno.EACCES for e in _chain(error)) or "Permission denied" in str(error), repr(error)
     _assert_nothing_lost(kind, tmp_path, recorder)
+
+
+class _DacOverride:
+    """Drops, for the calling thread only, root's capabilities to ignore file permissions (Linux).
+
+    Capabilities are per thread: the training loop and the saves run on this
+    thread, so they meet the permissions a normal user meets. Skips the test
+    where that cannot be done (not Linux) and does nothing when not root.
+    """
+
+    _BITS = (1 << 1) | (1 << 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+
+    def __init__(self):
+        self.saved = None
+
+    def _call(self, name, header, data):
+        if getattr(self._libc, name)(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), f"{name} failed")
+
+    def drop(self):
+        if os.geteuid() != 0:
+            return
+        if not sys.platform.startswith("linux"):
+            pytest.skip("running as root on a system where a thread cannot give up its capabilities")
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.header, self.data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+        self._call("capget", self.header, self.data)
+        self.saved = self.data[0].effective
+        self.data[0].effective &= ~self._BITS
+        self._call("capset", self.header, self.data)
+
+    def restore(self):
+        if self.saved is not None:
+            self.data[0].effective = self.saved
+            self._call("capset", self.header, self.data)
+            self.saved = None
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _chain(error: BaseException):
