@@ -63,7 +63,8 @@ KEYS = sorted(_valid_plan())
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(KEYS + ["python", "numpy", "keys"]), st.booleans(), json_values)
+@given(st.sampled_from(KEYS + ["python", "numpy", "keys"]), st.booleans(),
+       json_values | st.integers(-2**70, 2**70))
 def test_a_mutated_training_state_is_read_or_rejected_as_corrupt(tmp_path, key, delete, value):
     doc = _valid_plan()
     target = doc["rng"] if key == "python" else doc["rng"]["numpy"] if key == "numpy" else doc

@@ -284,25 +284,31 @@ class BackupAndRestore(keras.callbacks.Callback):
                        "again to resume from there.")
 
 
-def _ints(value: Any, n: int | None = None) -> bool:
+def _ints(value: Any, n: int | None = None, low: int | None = None, high: int | None = None) -> bool:
     return (isinstance(value, list) and (n is None or len(value) == n)
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
+            and all(isinstance(i, int) and not isinstance(i, bool) and (low is None or i >= low)
+                    and (high is None or i <= high) for i in value))
 
 
-def _int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def _int(value: Any, low: int = 0, high: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
 
 
 def _rng_ok(rng: Any) -> bool:
-    """The shape of what :func:`keepbest.keras._resume.rng_state` writes."""
+    """The shape and ranges of what :func:`keepbest.keras._resume.rng_state` writes."""
+    word = 2**32 - 1
     try:
         version, internal, gauss = rng["python"]
         np_state = rng["numpy"]
-        return (_int(version) and _ints(internal, 625) and (gauss is None or isinstance(gauss, float))
-                and np_state["kind"] == "MT19937" and _ints(np_state["keys"], 624) and _int(np_state["pos"])
-                and _int(np_state["has_gauss"]) and isinstance(np_state["cached_gaussian"], (int, float))
-                and ("torch" not in rng or _ints(rng["torch"])))
-    except (TypeError, KeyError, ValueError):
+        return (version == 3 and _ints(internal[:624], 624, 0, word) and _int(internal[624], 0, 624)
+                and (gauss is None or isinstance(gauss, float))
+                and np_state["kind"] == "MT19937" and _ints(np_state["keys"], 624, 0, word)
+                and _int(np_state["pos"], 0, 624) and _int(np_state["has_gauss"], 0, 1)
+                and isinstance(np_state["cached_gaussian"], (int, float))
+                and ("torch" not in rng or _ints(rng["torch"], None, 0, 255))
+                and ("torch_cuda" not in rng or all(_ints(s, None, 0, 255) for s in rng["torch_cuda"])))
+    except (TypeError, KeyError, ValueError, IndexError):
         return False
 
 
