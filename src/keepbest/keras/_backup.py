@@ -237,11 +237,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         assert self._restored_from is not None
         _resume.set_rng_state(plan["rng_epoch_begin"])  # the data pipeline draws this epoch's shuffle again
         self._rng_epoch_begin = plan["rng_epoch_begin"]
-        _state.restore_variables(_resume.metric_variables(self.model), self._restored_from / _resume.METRICS_FILE,
-                                 "metric accumulators")
-        _resume.skip_batches(self.model, plan["batch"] // plan["steps_per_execution"], plan["logs"],
+        model, metrics_file = self.model, self._restored_from / _resume.METRICS_FILE
+        compiled = getattr(model, "_compile_metrics", None)
+        deferred = compiled is not None and not compiled.built  # TensorFlow builds them when it traces a step
+
+        def restore_metrics(batch: Any) -> None:
+            if deferred:  # build the compiled metrics from the first skipped batch, then restore them
+                model._symbolic_build(data_batch=batch)
+                _state.restore_variables(_resume.metric_variables(model), metrics_file, "metric accumulators")
+
+        if not deferred:  # now: JAX reads the variables into its state before the first step
+            _state.restore_variables(_resume.metric_variables(model), metrics_file, "metric accumulators")
+        _resume.skip_batches(model, plan["batch"] // plan["steps_per_execution"], plan["logs"],
                              at_backup_point=lambda: _resume.set_rng_state(plan["rng"]),
-                             pending=frozenset(plan["pending"]))
+                             pending=frozenset(plan["pending"]), on_first_batch=restore_metrics)
 
     def _restore_callbacks(self, states: dict[str, Any]) -> None:
         for key, cb in _resume.registered(self.model).items():

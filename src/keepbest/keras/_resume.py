@@ -127,7 +127,8 @@ def metric_variables(model: keras.Model) -> list[Any]:
 
 # -- skipping batches already trained ----------------------------------------------------------
 def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], at_backup_point: Callable[[], None],
-                 pending: frozenset[str] = frozenset()) -> None:
+                 pending: frozenset[str] = frozenset(),
+                 on_first_batch: Callable[[Any], None] = lambda batch: None) -> None:
     """Answers the next ``calls`` calls of ``model.train_function`` without training.
 
     Each skipped call still takes its batches from the data iterator (JAX and
@@ -138,6 +139,8 @@ def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], at_back
     drew this epoch's shuffle, before anything of the next batch (torch's
     ``DataLoader`` draws the next epoch's shuffle before the next call). The
     callbacks in ``pending`` handle the last skipped batch (see :func:`replaying`).
+    ``on_first_batch`` gets the first skipped batch (TensorFlow builds the
+    compiled metrics only when it traces the first step: they are built from it).
     """
     original = model.train_function
     backend = keras.backend.backend()
@@ -150,12 +153,16 @@ def skip_batches(model: keras.Model, calls: int, logs: dict[str, float], at_back
             _replaying.pop(model, None)
             model.train_function = original
             return original(*args)
+        first = remaining == calls
         remaining -= 1
         _replaying[model] = (remaining, pending)
         if backend in ("jax", "tensorflow"):
             iterator = args[1] if backend == "jax" else args[0]
-            for _ in range(per_call):
-                next(iterator)
+            batches = [next(iterator) for _ in range(per_call)]
+        else:
+            batches = [args[0][0]]  # torch: the loop passes [batch]
+        if first:
+            on_first_batch(batches[0])
         if remaining == 0:
             at_backup_point()
         return (dict(logs), args[0]) if backend == "jax" else dict(logs)
