@@ -29,8 +29,13 @@ def steps(log: Path) -> dict[int, dict]:
     return {d["step"]: d for d in lines}
 
 
+def done(log: Path) -> dict:
+    """The child's last line: the step it ended at (``done``) and the hash of its weights (``weights``)."""
+    return next(json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"done"'))
+
+
 def final_weights(log: Path) -> str:
-    return next(json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"done"'))["weights"]
+    return str(done(log)["weights"])
 
 
 def kill_then_resume(folder: Path, rng: random.Random, kills: int = 2) -> tuple[list[int], str]:

@@ -27,6 +27,7 @@ from keepbest.storage import LocalStore
 
 from .conftest import make_model, user_warnings, weights_of
 from .resume_harness import CHILD, final_weights, kill_then_resume, run_child
+from .resume_harness import done as _done
 from .resume_harness import steps as _steps
 
 
@@ -34,10 +35,6 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check:
         return run_child(*args)
     return subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
-
-
-def _done(log: Path) -> dict:
-    return next(json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"done"'))
 
 
 @pytest.fixture(scope="module")
