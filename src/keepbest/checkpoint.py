@@ -8,6 +8,7 @@ best of each series marked; ``first_verified`` picks what may be loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -55,7 +56,16 @@ class Payload(Protocol):
 
 @dataclass(frozen=True)
 class TensorPayload:
-    """Named safetensors files and JSON files, written into one checkpoint folder."""
+    """Named safetensors files and JSON files, written into one checkpoint folder.
+
+    Tensors of 1 MiB or more go to shard files beside their file
+    (``model-00001.safetensors``, listed in its metadata; ``codec.read_file``
+    reads them back with it), cut where ``groups`` changes (e.g. frozen and
+    trainable weights). With ``base`` (the previous checkpoint's files), a
+    file whose bytes are unchanged is hard-linked to the committed one
+    instead of written again: a frozen backbone costs no write. Each
+    checkpoint stays a complete folder that loads and verifies alone.
+    """
 
     tensors: Mapping[str, Mapping[str, np.ndarray]]
     json_files: Mapping[str, Any] | None = None
@@ -63,13 +73,23 @@ class TensorPayload:
     format: str = "tensors"
     layout: str = "dir"
     detached: bool = False
+    groups: Mapping[str, Mapping[str, str]] | None = None
+    """Per file, tensor name -> group label; shards never mix groups."""
+    base: Mapping[str, tuple[Path, FileEntry]] | None = None
+    """Committed files that an unchanged file may be linked to, by relative path."""
 
     def write(self, target: Path) -> tuple[FileEntry, ...]:
         target.mkdir()
         entries = []
         for fname, tensors in self.tensors.items():
-            size, digest = codec.write_file(target / fname, tensors, (self.metadata or {}).get(fname))
-            entries.append(FileEntry(path=fname, size=size, digest=digest))
+            main, shards = codec.plan_shards(tensors, (self.groups or {}).get(fname))
+            metadata = dict((self.metadata or {}).get(fname) or {})
+            names = [codec.shard_name(fname, i + 1) for i in range(len(shards))]
+            if names:
+                metadata[codec.SHARDS_KEY] = json.dumps(names)
+            for shard, members in zip(names, shards):
+                entries.append(self._write_or_link(target, shard, codec.encode({k: tensors[k] for k in members})))
+            entries.append(self._write_or_link(target, fname, codec.encode({k: tensors[k] for k in main}, metadata)))
         for fname, doc in (self.json_files or {}).items():
             data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
             (target / fname).write_bytes(data)
@@ -77,6 +97,38 @@ class TensorPayload:
             h.update(data)
             entries.append(FileEntry(path=fname, size=len(data), digest=h.hexdigest()))
         return tuple(sorted(entries, key=lambda e: e.path))
+
+    def _write_or_link(self, target: Path, rel: str, encoded: codec.Encoded) -> FileEntry:
+        previous = (self.base or {}).get(rel)
+        digest = None
+        if previous is not None and previous[1].size == encoded.size and previous[1].algorithm == _digest.DEFAULT:
+            digest = encoded.digest()
+            # The committed file is re-hashed first: a damaged one is written afresh, never inherited.
+            if digest == previous[1].digest and _intact(previous[0], previous[1]) and _link(previous[0], target / rel):
+                return FileEntry(path=rel, size=encoded.size, digest=digest)
+        size, digest = codec.write_encoded(target / rel, encoded, digest)
+        return FileEntry(path=rel, size=size, digest=digest)
+
+
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT)
+
+
+def _intact(path: Path, entry: FileEntry) -> bool:
+    try:
+        return _digest.of_file(path, entry.algorithm) == (entry.size, entry.digest)
+    except FileNotFoundError:
+        return False
+
+
+def _link(source: Path, dest: Path) -> bool:
+    """Hard-links a committed, never-modified file; False where the filesystem cannot (then it is written)."""
+    try:
+        os.link(source, dest)
+    except OSError as e:
+        if e.errno in _NO_LINK:
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)
@@ -88,6 +140,13 @@ class Checkpoint:
     is_best: bool = False
     evaluations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """``{evaluator: record}``: what sidecar evaluators recorded for this very checkpoint."""
+    aliases: tuple[str, ...] = ()
+    """The aliases that name this version of its series (``latest``, ``best``, ``epoch_3``, user aliases)."""
+
+    @property
+    def version(self) -> int | None:
+        """The version number within the series (v0, v1, ...); None for checkpoints of keepbest < 0.3."""
+        return self.manifest.version
 
     @property
     def name(self) -> str:

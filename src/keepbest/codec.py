@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -87,24 +88,54 @@ def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
     return struct.pack("<Q", len(raw)) + raw, arrays
 
 
+SHARDS_KEY = "keepbest.shards"
+SHARD_MIN_BYTES = 1 << 20  # a tensor this large gets a shard file of its own group
+SHARD_MAX_BYTES = 64 << 20  # a shard is cut here, so one changed tensor rewrites at most this much more
+
+
+@dataclass
+class Encoded:
+    """One safetensors file as the pieces of memory it is made of (header first)."""
+
+    pieces: list[memoryview]
+
+    @property
+    def size(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    def digest(self) -> str:
+        h = _digest.new(threads=self.size >= _PARALLEL_HASH_BYTES)
+        _hash_all(h, self.pieces)
+        return str(h.hexdigest())
+
+
+def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Encoded:
+    """The bytes of a safetensors file, without copying the arrays (they must not change meanwhile)."""
+    head, arrays = _header(tensors, metadata)
+    return Encoded([memoryview(head)] + [arr.reshape(-1).view(np.uint8).data for arr in arrays if arr.size])
+
+
 def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
                metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Writes ``tensors`` to ``path``; returns (size, BLAKE3 digest) of what was written.
+    """Writes ``tensors`` to ``path``; returns (size, BLAKE3 digest) of what was written."""
+    return write_encoded(path, encode(tensors, metadata))
 
-    The digest is computed from the same memory as the write, on a second
-    thread while the write proceeds, so the file is never read back and
-    hashing costs no wall time. The caller owns fsync and the atomic rename,
-    and must not modify the arrays until this returns.
+
+def write_encoded(path: str | os.PathLike[str], encoded: Encoded, digest: str | None = None) -> tuple[int, str]:
+    """Writes ``encoded`` to ``path``; returns (size, BLAKE3 digest).
+
+    Without a known ``digest`` it is computed from the same memory as the
+    write, on a second thread while the write proceeds, so the file is never
+    read back and hashing costs no wall time. The caller owns fsync and the
+    atomic rename.
     """
-    head, arrays = _header(tensors, metadata)
-    pieces = [memoryview(head)] + [arr.reshape(-1).view(np.uint8).data for arr in arrays if arr.size]
-    size = sum(p.nbytes for p in pieces)
-    h = _digest.new()
+    pieces, size = encoded.pieces, encoded.size
+    h = _digest.new() if digest is None else None
     hashing = threading.Thread(target=_hash_all, args=(h, pieces), name="keepbest-hash") \
-        if size >= _PARALLEL_HASH_BYTES else None
-    if hashing is None:
+        if h is not None and size >= _PARALLEL_HASH_BYTES else None
+    if h is not None and hashing is None:
         _hash_all(h, pieces)
-    else:
+    elif hashing is not None:
         hashing.start()  # BLAKE3 releases the GIL, so it runs beside the writes
     try:
         with open(path, "wb", buffering=0) as f:
@@ -114,7 +145,40 @@ def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
     finally:
         if hashing is not None:
             hashing.join()
-    return size, h.hexdigest()
+    return size, digest if h is None else h.hexdigest()
+
+
+def plan_shards(tensors: Mapping[str, np.ndarray], groups: Mapping[str, str] | None = None, *,
+                min_bytes: int = SHARD_MIN_BYTES, max_bytes: int = SHARD_MAX_BYTES) -> tuple[list[str], list[list[str]]]:
+    """Splits tensor names into the main file's and shard files' (for dedup of unchanged tensors).
+
+    Tensors under ``min_bytes`` stay in the main file. Larger ones, in order,
+    fill shards of at most ``max_bytes`` (one tensor may exceed it alone); a
+    new shard starts where the group changes (``groups``: name -> label, e.g.
+    frozen or trainable), so a shard of frozen weights stays byte-identical
+    from one save to the next.
+    """
+    main: list[str] = []
+    shards: list[list[str]] = []
+    current_group, current_bytes = None, 0
+    for name, arr in tensors.items():
+        nbytes = int(np.asarray(arr).nbytes)
+        if nbytes < min_bytes:
+            main.append(name)
+            continue
+        group = (groups or {}).get(name, "")
+        if not shards or group != current_group or current_bytes + nbytes > max_bytes:
+            shards.append([])
+            current_group, current_bytes = group, 0
+        shards[-1].append(name)
+        current_bytes += nbytes
+    return main, shards
+
+
+def shard_name(fname: str, index: int) -> str:
+    """``model.safetensors`` -> ``model-00001.safetensors``."""
+    stem = fname[: -len(".safetensors")] if fname.endswith(".safetensors") else fname
+    return f"{stem}-{index:05d}.safetensors"
 
 
 def _hash_all(h: Any, pieces: list[memoryview]) -> None:
@@ -185,8 +249,38 @@ def _check_entry(path: str | os.PathLike[str], name: str, info: Any, data_len: i
 
 
 def read_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file, as read-only arrays backed by mmap."""
-    entries, _meta, start = read_header(path)
+    """All tensors of a safetensors file (and of the shards it lists), as read-only arrays backed by mmap."""
+    entries, meta, start = read_header(path)
+    out = _map(path, entries, start)
+    for shard in _shards(path, meta):
+        s_entries, _meta, s_start = read_header(shard)
+        clash = sorted(set(s_entries) & set(out))
+        if clash:
+            raise _corrupt(shard, f"tensor '{clash[0]}' is stored twice (shards overlap)", f"names={clash[:5]}")
+        out.update(_map(shard, s_entries, s_start))
+    return out
+
+
+def _shards(path: str | os.PathLike[str], meta: Mapping[str, str]) -> list[str]:
+    if SHARDS_KEY not in meta:
+        return []
+    try:
+        names = json.loads(meta[SHARDS_KEY])
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(
+            isinstance(n, str) and n.endswith(".safetensors") and "/" not in n and "\\" not in n
+            and n not in ("", ".", "..") for n in names):
+        raise _corrupt(path, f"'{SHARDS_KEY}' must list shard file names in the same folder",
+                       f"{SHARDS_KEY}={meta[SHARDS_KEY]!r:.120}")
+    folder = os.path.dirname(os.fspath(path))
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise _corrupt(path, f"shard file {missing[0]} is missing", f"shards={names}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _map(path: str | os.PathLike[str], entries: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
     if not entries:
         return {}
     with open(path, "rb") as f:

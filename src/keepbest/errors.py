@@ -34,3 +34,7 @@ class StateMismatchError(KeepbestError, ValueError):
 
 class MonitorError(KeepbestError, ValueError):
     """The monitored quantity cannot exist for this model."""
+
+
+class PublishError(KeepbestError, RuntimeError):
+    """Publishing checkpoints to a remote tracker (W&B, MLflow) failed; the local checkpoints are intact."""

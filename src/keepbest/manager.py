@@ -17,16 +17,18 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbest import __version__, codec, evaluation
+from keepbest import __version__, aliases, codec, evaluation
 from keepbest.checkpoint import Checkpoint, Payload, TensorPayload, best_by, first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
 from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, retained
+from keepbest.publishing import Publisher, PublishQueue, Version, events_for
 from keepbest.storage import INDEX_DIR, LocalStore
 from keepbest.writer import AsyncWriter, SaveHandle
 
@@ -61,6 +63,19 @@ class CheckpointManager:
         writer: the background writer to use (several managers may share one,
             so that one training loop has one save in flight); by default the
             manager has its own.
+        publishers: remote trackers that mirror each commit, alias move and
+            deletion (``keepbest.wandb_publisher.WandbPublisher``,
+            ``keepbest.mlflow_publisher.MlflowPublisher``), or a
+            :class:`~keepbest.publishing.PublishQueue` shared with other
+            managers. Uploads run on their own thread; :meth:`close` waits
+            for them and raises what failed.
+        dedup: hard-link the files of a folder checkpoint whose bytes did not
+            change since the previous checkpoint of the series, instead of
+            writing them again (a frozen backbone costs nothing).
+
+    Every commit is a version of the series (v0, v1, ...) with aliases
+    ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)
+    hold their version against retention. See :mod:`keepbest.aliases`.
 
     The best value and retention state are not stored separately: they are
     recomputed from the committed manifests, so a new manager on an existing
@@ -69,7 +84,8 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
-                 keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None) -> None:
+                 keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
+                 publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True) -> None:
         if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
             raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
         if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
@@ -80,6 +96,11 @@ class CheckpointManager:
         self.keep = tuple(keep)
         self.series = series
         self.writer = writer or AsyncWriter()
+        self.publisher: PublishQueue | None = publishers if isinstance(publishers, PublishQueue) else (
+            PublishQueue(list(publishers)) if publishers else None)
+        if not isinstance(dedup, bool):
+            raise TypeError(f"dedup must be True or False. Received: dedup={dedup!r}")
+        self.dedup = dedup
         self.recovery = self.store.recover() if self.store.root.is_dir() else None
 
     @property
@@ -97,8 +118,49 @@ class CheckpointManager:
     def _as_checkpoints(self, manifests: Sequence[Manifest], monitor: Monitor | None = None) -> list[Checkpoint]:
         monitor = monitor or self.monitor
         best = best_by(manifests, monitor.name, monitor.mode) if monitor else None
-        return [Checkpoint(m, self.store.root / m.name, best is not None and m.name == best.name)
+        record = aliases.current(self.store.root, self.series, manifests)
+        return [Checkpoint(m, self.store.root / m.name, best is not None and m.name == best.name,
+                           aliases=tuple(record.of(m.version)) if m.version is not None else ())
                 for m in sorted(manifests, key=lambda m: (m.created, m.name))]
+
+    @property
+    def aliases(self) -> dict[str, int]:
+        """Every alias of this series and the version it names (``{"latest": 7, "best": 4, ...}``)."""
+        return aliases.current(self.store.root, self.series, self._mine()).all
+
+    def promote(self, version: int | str, alias: str) -> Checkpoint:
+        """Points the user alias ``alias`` at ``version`` (``3``, ``"v3"``, ``"best"`` or a name); returns it.
+
+        The alias moves off any version that held it. While it points at a
+        version, retention keeps that version.
+        """
+        aliases.check_user_alias(alias)
+        self.writer.wait()
+        with aliases.locked(self.store.root, self.series):
+            mine = self._mine()
+            record = aliases.current(self.store.root, self.series, mine)
+            target = aliases.resolve(record, mine, str(version))
+            assert target.version is not None
+            record = aliases.AliasRecord(self.series, record.next_version, record.automatic,
+                                         {**record.user, alias: target.version})
+            aliases.write(self.store.root, record)
+        if self.publisher is not None:
+            self.publisher.put(events_for(self.series, None, record.all, ()))
+        return next(c for c in self.checkpoints() if c.name == target.name)
+
+    def demote(self, alias: str) -> None:
+        """Removes the user alias ``alias``; its version is then subject to retention again."""
+        self.writer.wait()
+        with aliases.locked(self.store.root, self.series):
+            record = aliases.current(self.store.root, self.series, self._mine())
+            if alias not in record.user:
+                raise KeyError(f"Series '{self.series}' in {self.directory} has no user alias '{alias}'. "
+                               f"User aliases: {', '.join(sorted(record.user)) or 'none'}.")
+            record = aliases.AliasRecord(self.series, record.next_version, record.automatic,
+                                         {a: v for a, v in record.user.items() if a != alias})
+            aliases.write(self.store.root, record)
+        if self.publisher is not None:
+            self.publisher.put(events_for(self.series, None, record.all, ()))
 
     def _value(self, m: Manifest, monitor: Monitor | None = None) -> float | None:
         monitor = monitor or self.monitor
@@ -195,16 +257,25 @@ class CheckpointManager:
                             name=name, extra=extra, versions=versions)
 
     def wait(self) -> None:
-        """Blocks until no save is in flight; raises an unreported background failure."""
+        """Blocks until no save is in flight (and every upload was tried); raises an unreported failure."""
         self.writer.wait()
+        if self.publisher is not None:
+            self.publisher.wait()
 
     def check(self) -> None:
         """Raises an unreported failure of a finished background save; never blocks."""
         self.writer.check()
 
     def close(self) -> None:
-        """Waits for the save in flight and frees the writer's thread and buffers."""
-        self.writer.close()
+        """Waits for the save in flight and the uploads; frees the writer's thread and buffers.
+
+        Raises :class:`~keepbest.errors.PublishError` when an upload failed.
+        """
+        try:
+            self.writer.close()
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
 
     def _submit(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *, snapshot: bool,
                 metrics: Mapping[str, float] | None, epoch: int | None, batch: int | None,
@@ -232,10 +303,14 @@ class CheckpointManager:
         )
         _check_readable(manifest)
         self.writer.wait()  # back-pressure; staging buffers are free again after this
+        mine = self._mine()
+        manifest = replace(manifest, version=aliases.next_version(aliases.read(self.store.root, self.series), mine))
         if isinstance(state, Mapping):
             tensors = self.writer.staging.snapshot({STATE_FILE: state})[STATE_FILE] if snapshot else state
             state = TensorPayload({STATE_FILE: tensors}, detached=True)
         payload = state
+        if isinstance(payload, TensorPayload) and payload.base is None and self.dedup:
+            payload = replace(payload, base=self._base(mine))
         written: tuple[Path, tuple[FileEntry, ...]] | None = None
         if not payload.detached:  # it reads live state: write now, commit in the background
             written = self._write(name, payload)
@@ -243,14 +318,34 @@ class CheckpointManager:
 
         def persist() -> Checkpoint:
             staged, entries = written or self._write(name, payload)
+            replaced = [m for m in self._mine() if m.name == name]
             committed = self.store.commit(staged, manifest.with_files(entries))
-            # One listing serves retention and the returned checkpoint; the new one is never pruned,
-            # even if the clock went back.
-            kept = self._prune(self._mine(), monitor, keep, protect=name)
+            # One listing serves retention, aliases and the returned checkpoint; the new one is never
+            # pruned, even if the clock went back.
+            with aliases.locked(self.store.root, self.series):
+                mine = self._mine()
+                held = set(aliases.read(self.store.root, self.series).user.values())
+                kept = self._prune(mine, monitor, keep, protect={name} | {m.name for m in mine if m.version in held})
+                record = aliases.current(self.store.root, self.series, kept)
+                aliases.write(self.store.root, record)
+            if self.publisher is not None:
+                gone = [m for m in mine if m not in kept] + [m for m in replaced if m.version != committed.version]
+                version = Version(committed.version or 0, self.series, committed,
+                                  self.publisher.snapshot(self.store.root, committed),
+                                  tuple(record.of(committed.version)))
+                self.publisher.put(events_for(self.series, version, record.all, gone))
             return next((c for c in self._as_checkpoints(kept, monitor) if c.name == name),
                         Checkpoint(committed, self.store.root / name))
 
         return self.writer.submit(str(self.store.root / name), persist)
+
+    def _base(self, mine: Sequence[Manifest]) -> dict[str, tuple[Path, FileEntry]]:
+        """The newest folder checkpoint's files, which unchanged files of the next save are linked to."""
+        folders = [m for m in mine if m.layout == "dir"]
+        if not folders:
+            return {}
+        newest = max(folders, key=lambda m: (m.created, m.name))
+        return {e.path: (self.store.root / newest.name / e.path, e) for e in newest.files}
 
     def mark_training_end(self) -> None:
         """Tells sidecar evaluators that this series is complete; waits for the save in flight first."""
@@ -272,17 +367,27 @@ class CheckpointManager:
     def prune(self) -> list[str]:
         """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
         self.writer.wait()
-        mine = self._mine()
-        kept = {m.name for m in self._prune(mine, self.monitor, self.keep)}
-        return [m.name for m in sorted(mine, key=lambda m: m.created) if m.name not in kept]
+        with aliases.locked(self.store.root, self.series):
+            mine = self._mine()
+            held = set(aliases.read(self.store.root, self.series).user.values())
+            kept = self._prune(mine, self.monitor, self.keep, protect={m.name for m in mine if m.version in held})
+            record = aliases.current(self.store.root, self.series, kept)
+            aliases.write(self.store.root, record)
+        gone = [m for m in sorted(mine, key=lambda m: m.created) if m not in kept]
+        if self.publisher is not None:
+            self.publisher.put(events_for(self.series, None, record.all, gone))
+        return [m.name for m in gone]
 
     def _prune(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
-               protect: str | None = None) -> list[Manifest]:
-        """Deletes, oldest first, what the rules drop from ``mine``; returns the rest."""
+               protect: set[str] = frozenset()) -> list[Manifest]:  # type: ignore[assignment]
+        """Deletes, oldest first, what the rules drop from ``mine``; returns the rest.
+
+        ``protect`` names what stays whatever the rules say (the new checkpoint, user aliases).
+        """
         if not keep:
             return mine
         cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
-        kept = retained(cands, keep, monitor.mode if monitor else None) | {protect}
+        kept = retained(cands, keep, monitor.mode if monitor else None) | protect
         # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays.
         kept |= evaluation.held(self.store.root, [m for m in mine if m.name not in kept], time.time())
         for m in sorted((m for m in mine if m.name not in kept), key=lambda m: m.created):

@@ -2,8 +2,8 @@
 
 A manifest is the commit record: a checkpoint exists for keepbest exactly
 when its manifest does. It lists every file with its size and digest (BLAKE3;
-manifests of keepbest 0.1 used sha256, still read), the
-training position (``step``, ``epoch``, ``batch``), the metrics at save time,
+manifests of keepbest 0.1 used sha256, still read), the series' version
+number, the training position (``step``, ``epoch``, ``batch``), the metrics at save time,
 which metric decides "best" and the versions of what wrote it.
 
 Decoding is strict: wrong types, unknown layouts and file paths that would
@@ -76,6 +76,8 @@ class Manifest:
     files: tuple[FileEntry, ...] = ()
     versions: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    version: int | None = None
+    """The series' version number (v0, v1, ...), counted per series; None before keepbest 0.3."""
 
     @property
     def monitor_value(self) -> float | None:
@@ -107,6 +109,8 @@ class Manifest:
             "versions": dict(self.versions),
             "extra": dict(self.extra),
         }
+        if self.version is not None:  # absent otherwise, so keepbest 0.2 reads these manifests
+            doc["version"] = self.version
         return json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @classmethod
@@ -197,7 +201,14 @@ class _Decoder:
             files=tuple(self.file(f) for f in self.get(doc, "files", (list,))),
             versions=self.strings(self.get(doc, "versions", (dict,))),
             extra=self.get(doc, "extra", (dict,)),
+            version=self.version(doc),
         )
+
+    def version(self, doc: Mapping[str, Any]) -> int | None:
+        value = self.get(doc, "version", (int,), optional=True)
+        if value is not None and value < 0:
+            raise self.fail("'version' must be a number >= 0", value)
+        return value
 
     def metrics(self, raw: dict[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}

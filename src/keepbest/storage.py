@@ -312,11 +312,12 @@ class LocalStore:
                     or _suffix_owner(p.name, DELETING + "-")
                 if owner is not None and not _fs.owner_is_alive(owner):
                     found.append(p)
-            # Sidecar records (evaluators/, evaluations/<name>/, ended/) are written through temp files too.
-            for dirpath, _dirs, files in os.walk(self.index):
+            # Sidecar records (evaluators/, evaluations/<name>/, ended/) and aliases are written through temp files,
+            # and upload snapshots (uploads/) are temp folders of their own.
+            for dirpath, dirs, files in os.walk(self.index):
                 if Path(dirpath) == self.index:
                     continue
-                for f in files:
+                for f in files + dirs:
                     owner = _owner(f, TMP_PREFIX)
                     if owner is not None and not _fs.owner_is_alive(owner):
                         found.append(Path(dirpath) / f)

@@ -43,16 +43,16 @@ def slow_writes(monkeypatch):
     """Makes each background write take 0.2 s (longer than two training steps, so the next save is
     requested while one is in flight) and records the training step when it starts."""
     seen = []
-    real = codec.write_file
+    real = codec.write_encoded
 
-    def write_file(path, tensors, metadata=None):
+    def write_file(path, encoded, digest=None):
         seen.append(slow_writes.recorder.step)
         time.sleep(0.2)
-        return real(path, tensors, metadata)
+        return real(path, encoded, digest)
 
     slow_writes.recorder = Recorder()
     slow_writes.seen = seen
-    monkeypatch.setattr(codec, "write_file", write_file)
+    monkeypatch.setattr(codec, "write_encoded", write_file)
     return slow_writes
 
 
@@ -96,15 +96,15 @@ class WaitForWriter(keras.callbacks.Callback):
 @pytest.fixture
 def failing_second_write(monkeypatch):
     calls = []
-    real = codec.write_file
+    real = codec.write_encoded
 
-    def write_file(path, tensors, metadata=None):
+    def write_file(path, encoded, digest=None):
         calls.append(threading.current_thread().name)
         if len(calls) == 3:  # the second save: model.safetensors then optimizer.safetensors per save
             raise OSError(28, "No space left on device")
-        return real(path, tensors, metadata)
+        return real(path, encoded, digest)
 
-    monkeypatch.setattr(codec, "write_file", write_file)
+    monkeypatch.setattr(codec, "write_encoded", write_file)
     return calls
 
 
@@ -123,10 +123,10 @@ def test_background_write_failure_surfaces_in_fit_within_one_step(tmp_path, digi
 def test_failure_of_the_last_save_is_raised_when_fit_ends(tmp_path, digits, monkeypatch):
     x, y = digits
 
-    def write_file(path, tensors, metadata=None):
+    def write_file(path, encoded, digest=None):
         raise OSError(13, "Permission denied")
 
-    monkeypatch.setattr(codec, "write_file", write_file)
+    monkeypatch.setattr(codec, "write_encoded", write_file)
     cb = ModelCheckpoint(str(tmp_path / "ckpt"), async_save=True)
     with pytest.raises(AsyncSaveError, match=rf"{tmp_path}/ckpt failed: PermissionError: .*Permission denied"):
         make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb])

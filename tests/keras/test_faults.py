@@ -150,7 +150,7 @@ def test_exception_inside_the_framework_save_keeps_the_previous_checkpoint(tmp_p
 
     def arm():
         if kind in ("best_ckpt", "backup"):
-            monkeypatch.setattr(codec, "write_file", half_then_fail)
+            monkeypatch.setattr(codec, "write_encoded", half_then_fail)
         else:
             monkeypatch.setattr(keras.Model, "save", lambda self, path, *a, **k: half_then_fail(path))
             monkeypatch.setattr(keras.Model, "save_weights", lambda self, path, *a, **k: half_then_fail(path))
@@ -188,16 +188,16 @@ def test_failure_in_the_middle_of_a_retention_delete_surfaces_and_keeps_the_new_
 
 
 def test_background_writer_failure_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
-    real = codec.write_file
+    real = codec.write_encoded
     calls = []
 
-    def fail_in_background(path, tensors, metadata=None):
+    def fail_in_background(path, encoded, digest=None):
         calls.append(path)
         if len(calls) > 2:  # the second save (model.safetensors, optimizer.safetensors per save)
             raise InjectedFault(errno.EIO, "injected fault in the background writer")
-        return real(path, tensors, metadata)
+        return real(path, encoded, digest)
 
-    monkeypatch.setattr(codec, "write_file", fail_in_background)
+    monkeypatch.setattr(codec, "write_encoded", fail_in_background)
     error, recorder = _train_into_fault("best_ckpt", tmp_path, digits, lambda: None, async_save=True)
     assert isinstance(error, AsyncSaveError) and "background writer" in str(error)
     _assert_nothing_lost("best_ckpt", tmp_path, recorder)

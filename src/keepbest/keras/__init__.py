@@ -13,8 +13,8 @@ from keepbest.keras._backup import BackupAndRestore
 from keepbest.keras._callback import ModelCheckpoint
 from keepbest.keras._loading import load_model, load_weights
 from keepbest.keras._sidecar import SidecarEvaluator, SidecarEvaluatorModelExport
+from keepbest.keras._wandb import WandbModelCheckpoint
 from keepbest.keras import callbacks, utils
 
-__all__ = ["BackupAndRestore", "ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport", "callbacks",
-           "load_model",
-           "load_weights", "utils"]
+__all__ = ["BackupAndRestore", "ModelCheckpoint", "SidecarEvaluator", "SidecarEvaluatorModelExport",
+           "WandbModelCheckpoint", "callbacks", "load_model", "load_weights", "utils"]

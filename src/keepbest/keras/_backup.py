@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keepbest import _fs
+from keepbest import _fs, aliases
 from keepbest.checkpoint import TensorPayload, first_verified
 from keepbest.errors import CorruptCheckpointError, StateMismatchError
 from keepbest.keras import _host, _resume, _state
@@ -142,6 +142,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             return
         for ckpt in self._manager.checkpoints():
             self._manager.store.delete(ckpt.manifest)
+        aliases.forget(self.backup_dir, self._manager.series)
         _remove_if_empty(Path(self.backup_dir))
 
     # -- saving -------------------------------------------------------------------------
@@ -167,7 +168,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         payload = TensorPayload(
             {f: dict(zip(_state.unique_paths(vs), (_host.view(v) for v in vs))) for f, vs in groups.items()},
             json_files={TRAINING_FILE: training},
-            metadata={f: _state.order_metadata(vs) for f, vs in groups.items()}, format=FORMAT)
+            metadata={f: _state.order_metadata(vs) for f, vs in groups.items()}, format=FORMAT,
+            groups={f: {p: "trainable" if getattr(v, "trainable", True) else "frozen"
+                        for p, v in zip(_state.unique_paths(vs), vs)} for f, vs in groups.items()})
         step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else None
         self._last_step = step
         self._manager.save(step, payload, name=None if step is not None else f"{SERIES}-e{epoch}-b{batch}",

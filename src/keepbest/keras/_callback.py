@@ -7,7 +7,7 @@ import numbers
 import os
 import string
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -17,6 +17,7 @@ from keepbest.keras import _formats, _resume
 from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
+from keepbest.publishing import Publisher, PublishQueue
 from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, batches_advanced, check_mode, epoch_is_due, resolve_mode
 from keepbest.writer import AsyncWriter, SaveHandle
 
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover - a future Keras moved it
         print(message, flush=True)
 
 _ARGS = ("filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
-         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta", "async_save")
+         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta", "async_save", "publishers")
 _LEGACY = ("period", "options", "load_weights_on_restart")
 
 
@@ -57,6 +58,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
         keep_best: keep only the best K checkpoints by ``monitor``. Combined
             with ``keep_last``, a checkpoint is kept if either wants it.
         min_delta: smallest change of ``monitor`` that counts as improvement.
+        publishers: remote trackers that mirror every commit, alias and
+            deletion in the background (``keepbest.wandb_publisher.WandbPublisher``,
+            ``keepbest.mlflow_publisher.MlflowPublisher``). ``fit`` waits for
+            the uploads when it ends and raises ``PublishError`` if one failed
+            after its retries; the local checkpoints are never affected.
         async_save: for a keepbest checkpoint folder, copy the state into host
             memory and return to training at once; writing, fsync, commit and
             retention run on a background thread, one save at a time. A
@@ -76,7 +82,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
                  save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
-                 async_save: bool = False, **kwargs: Any) -> None:
+                 async_save: bool = False, publishers: Sequence[Publisher] = (), **kwargs: Any) -> None:
         super().__init__()
         self._epoch_period, self._load_on_restart = _legacy_kwargs(kwargs)
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
@@ -110,6 +116,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             raise TypeError(f"`async_save` must be True or False. Received: async_save={async_save!r}")
         self.async_save = async_save
         self._writer = AsyncWriter()  # shared by every folder this callback saves into: one save in flight
+        self._publish = PublishQueue(list(publishers)) if publishers else None
         self._pending: tuple[SaveHandle[Any], int, str] | None = None
         self._keep: tuple[KeepRule, ...] = tuple(
             r for r in (KeepLast(keep_last) if keep_last else None, KeepBest(keep_best) if keep_best else None) if r
@@ -187,6 +194,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         for mgr in self._managers.values():
             if mgr.directory.is_dir():
                 mgr.mark_training_end()  # a sidecar evaluator stops once it has evaluated what is there
+        if self._publish is not None:
+            self._publish.wait()  # every version is on the tracker before fit returns (and run.finish() follows)
 
     # -- state for BackupAndRestore ----------------------------------------------------
     def resume_key(self) -> str:
@@ -290,7 +299,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             # Monitor and rules are attached at save time: an "auto" mode is resolved only once
             # the model's metrics exist.
             self._managers[root] = CheckpointManager(root or ".", series=os.path.basename(self.filepath),
-                                                     writer=self._writer)
+                                                     writer=self._writer, publishers=self._publish or ())
         return self._managers[root]
 
     def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:

@@ -140,7 +140,7 @@ def keepbest_payload(model: keras.Model, weights_only: bool, staging: Staging | 
     if _state.OPTIMIZER_FILE in files:
         metadata[_state.OPTIMIZER_FILE] = _state.order_metadata(model.optimizer.variables)
     config = None if weights_only else {_state.CONFIG_FILE: _state.model_config(model)}
-    return TensorPayload(files, json_files=config, metadata=metadata,
+    return TensorPayload(files, json_files=config, metadata=metadata, groups=_state.trainability(model),
                          format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST, detached=staging is not None)
 
 

@@ -57,6 +57,13 @@ def saved_variables(model: keras.Model) -> dict[str, dict[str, Any]]:
     return {fname: dict(zip(unique_paths(vs), vs)) for fname, vs in groups.items()}
 
 
+def trainability(model: keras.Model) -> dict[str, dict[str, str]]:
+    """Per file, which saved variables are trainable: frozen ones are sharded apart, so a save
+    after fine-tuning links their unchanged files instead of writing them again."""
+    return {fname: {p: "trainable" if getattr(v, "trainable", True) else "frozen" for p, v in vs.items()}
+            for fname, vs in saved_variables(model).items()}
+
+
 def model_tensors(model: keras.Model, staging: Staging | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Host arrays of the saved variables: views (for a save the caller waits for) or,
     with ``staging``, a snapshot copied into its reusable buffers."""

@@ -1,0 +1,246 @@
+"""Publishing checkpoints to remote trackers (W&B, MLflow), in the background.
+
+The core decides; publishers only mirror. After each commit the manager
+hands the queue three kinds of events, in this order: the new version was
+committed (with its aliases), the aliases now point here, these versions
+were deleted (by retention, or replaced under the same name). A publisher
+never re-decides what is best or what to keep.
+
+The queue runs them on its own thread, so uploads never block training or
+the next save. Each event is tried ``attempts`` times with exponential
+backoff; a failure is logged when it happens (logger ``keepbest``) and
+raised as :class:`~keepbest.errors.PublishError` by :meth:`PublishQueue.close`,
+which the Keras callbacks call at the end of ``fit``. The local checkpoint
+is never touched by a failed upload. After a failed upload, that
+publisher's remote deletions are skipped (and listed in the error): the
+remote side never loses an old version while it lacks the new one.
+
+Uploads read a snapshot of the committed files made of hard links (under
+``.keepbest/uploads/``), so a checkpoint replaced or pruned locally while
+its upload waits is still uploaded whole.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> from keepbest import CheckpointManager
+    >>> class Recorder(Publisher):
+    ...     def __init__(self): self.seen = []
+    ...     def committed(self, version): self.seen.append((version.number, version.aliases))
+    >>> rec = Recorder()
+    >>> mgr = CheckpointManager(tempfile.mkdtemp(), publishers=[rec])
+    >>> _ = mgr.save(1, {"w": np.zeros(2)}, epoch=1); mgr.close()
+    >>> rec.seen
+    [(0, ('latest', 'epoch_1'))]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from keepbest import _fs
+from keepbest.errors import PublishError
+from keepbest.manifest import Manifest
+from keepbest.storage import INDEX_DIR, TMP_PREFIX
+
+log = logging.getLogger("keepbest")
+UPLOADS = "uploads"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One committed checkpoint as a version of its series' artifact.
+
+    ``path`` is a stable copy of the committed files (hard links), valid
+    while :meth:`Publisher.committed` runs: the checkpoint folder, or the
+    single file of a file checkpoint.
+    """
+
+    number: int
+    series: str
+    manifest: Manifest
+    path: Path
+    aliases: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+class Publisher:
+    """Receives the core's events; override what the remote side needs. Methods run on the queue's thread."""
+
+    def committed(self, version: Version) -> None:
+        """A new version was committed locally: upload it with its aliases."""
+
+    def aliases_moved(self, series: str, aliases: Mapping[str, int]) -> None:
+        """The aliases of ``series`` now point at these versions (all of them, not a difference)."""
+
+    def deleted(self, series: str, number: int, name: str) -> None:
+        """Version ``number`` (checkpoint ``name``) is gone locally: delete it remotely."""
+
+    def close(self) -> None:
+        """Everything was published; flush and let go of remote handles."""
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str  # "committed" | "aliases" | "deleted"
+    series: str
+    version: Version | None = None
+    aliases: Mapping[str, int] | None = None
+    number: int = -1
+    name: str = ""
+
+
+class PublishQueue:
+    """Runs publishers' events on one background thread, in order, with retries.
+
+    Args:
+        publishers: who receives the events.
+        attempts: tries per event before it is reported as failed.
+        backoff: seconds before the first retry; doubled after each.
+    """
+
+    def __init__(self, publishers: Sequence[Publisher], *, attempts: int = 4, backoff: float = 1.0,
+                 sleep: Callable[[float], Any] = time.sleep) -> None:
+        if not publishers or not all(isinstance(p, Publisher) for p in publishers):
+            raise TypeError("publishers must be a non-empty list of keepbest.publishing.Publisher objects "
+                            f"(e.g. WandbPublisher(), MlflowPublisher()). Received: publishers={publishers!r}")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be an integer >= 1. Received: attempts={attempts!r}")
+        self.publishers = list(publishers)
+        self.attempts, self.backoff, self._sleep = attempts, float(backoff), sleep
+        self._events: queue.Queue[_Event | None] = queue.Queue()
+        self._failures: list[str] = []
+        self._upload_failed: set[int] = set()  # indices of publishers whose last upload failed
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- called by the manager (writer thread) ------------------------------------------
+    def snapshot(self, root: Path, manifest: Manifest) -> Path:
+        """Hard links of a just-committed checkpoint's files, for an upload that may run later."""
+        folder = root / INDEX_DIR / UPLOADS / f"{TMP_PREFIX}{_fs.owner_token()}-{os.urandom(4).hex()}"
+        base = root / manifest.name
+        dest = folder / manifest.name
+        folder.mkdir(parents=True)
+        if manifest.layout == "file":
+            _link_or_copy(base, dest)
+        else:
+            for entry in manifest.files:
+                (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(base / entry.path, dest / entry.path)
+            (dest / "manifest.json").write_bytes(manifest.to_json())
+        return dest
+
+    def put(self, events: Sequence[_Event]) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("This PublishQueue is closed; create a new one. Received: an event after close()")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="keepbest-publish", daemon=True)
+                self._thread.start()
+        for e in events:
+            self._events.put(e)
+
+    # -- called by the training thread -----------------------------------------------------
+    def wait(self) -> None:
+        """Blocks until every queued event was tried; raises what failed so far."""
+        self._events.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Publishes what is queued, closes the publishers, then raises what failed (once)."""
+        with self._lock:
+            thread, self._closed = self._thread, True
+        if thread is not None:
+            self._events.put(None)
+            thread.join()
+        for p in self.publishers:
+            self._try(p, "close", p.close)
+        self._raise()
+
+    def _raise(self) -> None:
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise PublishError(
+                f"Publishing checkpoints failed ({len(failures)} event(s)); every local checkpoint is intact "
+                f"and can be uploaded again. Check the connection and credentials of the tracker. "
+                f"Received: {' | '.join(failures)}")
+
+    # -- the queue's thread --------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            event = self._events.get()
+            try:
+                if event is None:
+                    return
+                self._handle(event)
+            finally:
+                self._events.task_done()
+
+    def _handle(self, e: _Event) -> None:
+        for i, p in enumerate(self.publishers):
+            if e.kind == "committed":
+                assert e.version is not None
+                version = e.version
+                if self._try(p, f"upload of {e.series} v{version.number} ({version.name})",
+                             lambda: p.committed(version)):
+                    self._upload_failed.discard(i)
+                else:
+                    self._upload_failed.add(i)
+            elif e.kind == "aliases":
+                aliases = dict(e.aliases or {})
+                self._try(p, f"alias update of {e.series}", lambda: p.aliases_moved(e.series, aliases))
+            elif i in self._upload_failed:
+                self._fail(f"{type(p).__name__}: remote delete of {e.series} v{e.number} ({e.name}) skipped "
+                           "because an earlier upload failed")
+            else:
+                self._try(p, f"remote delete of {e.series} v{e.number} ({e.name})",
+                          lambda: p.deleted(e.series, e.number, e.name))
+        if e.kind == "committed" and e.version is not None:
+            shutil.rmtree(e.version.path.parent, ignore_errors=False)
+
+    def _try(self, publisher: Publisher, what: str, call: Callable[[], Any]) -> bool:
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                call()
+                return True
+            except Exception as err:  # reported below and at close(); the local checkpoint is safe
+                last = f"{type(publisher).__name__}: {what} failed after {attempt} attempt(s): {type(err).__name__}: {err}"
+                if attempt < self.attempts:
+                    log.warning("%s; retrying in %.0f s", last, delay)
+                    self._sleep(delay)
+                    delay *= 2
+        self._fail(last)
+        return False
+
+    def _fail(self, message: str) -> None:
+        log.error("keepbest: %s", message)
+        with self._lock:
+            self._failures.append(message)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # a filesystem without hard links: a copy is the same bytes
+        shutil.copy2(source, dest)
+
+
+def events_for(series: str, version: Version | None, aliases: Mapping[str, int],
+               deleted: Sequence[Manifest]) -> list[_Event]:
+    """What one commit tells publishers: committed, aliases, then deletions."""
+    out = [] if version is None else [_Event("committed", series, version=version)]
+    out.append(_Event("aliases", series, aliases=dict(aliases)))
+    out += [_Event("deleted", series, number=m.version, name=m.name) for m in deleted if m.version is not None]
+    return out

@@ -1,0 +1,142 @@
+"""WandbModelCheckpoint against the real wandb SDK in offline mode: what the run directory records."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.abc
+import logging
+import sys
+import traceback
+
+import keras
+import numpy as np
+import pytest
+
+from keepbest import CheckpointManager
+from keepbest.keras import WandbModelCheckpoint
+
+from .conftest import drive, make_model
+
+wandb = pytest.importorskip("wandb")
+from .wandb_offline import artifacts  # noqa: E402  (needs wandb)
+
+
+class ImportSpy(importlib.abc.MetaPathFinder):
+    """Records every attempt to import TensorFlow, installed or not.
+
+    Keras's ``.keras`` saving probes whether TensorFlow is there (``LazyModule.available``) on
+    every backend and goes on without it; that probe is Keras's own and is not counted.
+    """
+
+    def __init__(self):
+        self.attempts = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras"):
+            probe = any(f.name == "available" and f.filename.endswith("module_utils.py")
+                        for f in traceback.extract_stack())
+            if not probe:
+                self.attempts.append("".join(traceback.format_stack(limit=12)))
+        return None
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    for var, sub in [("WANDB_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                     ("WANDB_CONFIG_DIR", "wandb-config")]:
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    r = wandb.init(project="keepbest-tests", dir=str(tmp_path / "wandb"))
+    yield r
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@pytest.fixture
+def tf_imports():
+    spy = ImportSpy()
+    sys.meta_path.insert(0, spy)
+    yield spy.attempts
+    sys.meta_path.remove(spy)
+
+
+def _finished(run):
+    run_dir = run.settings.sync_dir
+    wandb.finish()
+    return artifacts(run_dir)
+
+
+def _md5(path):
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+def test_save_best_only_with_epoch_template_skips_a_non_improving_epoch_without_crashing(tmp_path, tf_imports, run):
+    cb = WandbModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch:02d}.keras"), save_best_only=True)
+    drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in (1.0, 0.5, 0.7, 0.4)])
+    logged = _finished(run)
+    assert [a["metadata"]["epoch"] for a in logged] == [1, 2, 4]  # epoch 3 did not improve: nothing logged
+    assert [a["aliases"] for a in logged] == [{"latest", "best", "epoch_1"}, {"latest", "best", "epoch_2"},
+                                              {"latest", "best", "epoch_4"}]
+    assert {a["name"] for a in logged} == {f"run_{run.id}_model"} and {a["type"] for a in logged} == {"model"}
+    assert logged[-1]["metadata"] | {"metrics": None} == {
+        "epoch": 4, "batch": None, "step": 0, "metrics": None, "monitor": "val_loss", "mode": "min",
+        "keepbest_version": 2, "checkpoint": "e04.keras", "series": "e{epoch:02d}.keras"}
+    assert logged[-1]["metadata"]["metrics"] == {"loss": 1.0, "val_loss": 0.4}
+    for a in logged:  # each version holds the very file keepbest committed for that epoch
+        (name,) = a["files"]
+        assert a["files"][name] == _md5(tmp_path / "ckpt" / name)
+    if keras.backend.backend() != "tensorflow":  # Keras itself imports it there
+        assert "tensorflow" not in sys.modules and tf_imports == []
+
+
+def test_epoch_aliases_are_one_based_and_best_stays_on_the_best_version(tmp_path, run):
+    cb = WandbModelCheckpoint(str(tmp_path / "e{epoch}"), monitor="val_loss")
+    drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in (0.9, 0.5, 0.7)])
+    logged = _finished(run)
+    assert [a["aliases"] for a in logged] == [{"latest", "best", "epoch_1"}, {"latest", "best", "epoch_2"},
+                                              {"latest", "epoch_3"}]
+    assert [sorted(a["files"])[0].split("/")[0] for a in logged] == ["e1", "e2", "e3"]  # folder names match
+    assert CheckpointManager(tmp_path, series="e{epoch}").aliases == {
+        "epoch_1": 0, "epoch_2": 1, "epoch_3": 2, "best": 1, "latest": 2}
+
+
+def test_fixed_filepath_logs_each_new_best_with_its_own_bytes(tmp_path, run):
+    model = make_model()
+    cb = WandbModelCheckpoint(str(tmp_path / "best.weights.h5"), save_best_only=True, save_weights_only=True)
+    cb.set_model(model)
+    cb.on_train_begin()
+    digests = []
+    for epoch, val_loss in enumerate([0.9, 0.5, 0.7]):
+        model.layers[0].kernel.assign(np.full((64, 16), epoch, "float32"))  # new weights each epoch
+        cb.on_epoch_begin(epoch)
+        cb.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+        cb.wait()
+        digests.append(_md5(tmp_path / "best.weights.h5"))
+    cb.on_train_end()
+    logged = _finished(run)
+    assert [a["metadata"]["epoch"] for a in logged] == [1, 2]  # no stale best re-logged at epoch 3
+    assert [a["files"]["best.weights.h5"] for a in logged] == digests[:2]
+    assert digests[1] != digests[0] and digests[2] == digests[1]
+
+
+def test_retention_keeps_at_most_three_versions_locally_and_reports_offline_deletions(tmp_path, run, caplog):
+    cb = WandbModelCheckpoint(str(tmp_path / "e{epoch:02d}"), keep_last=2, keep_best=1)
+    losses = [1.0 - 0.04 * e if e != 6 else 0.1 for e in range(20)]  # epoch 7 stays the best
+    with caplog.at_level(logging.WARNING, logger="keepbest"):
+        drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in losses])
+    mgr = CheckpointManager(tmp_path, series="e{epoch:02d}")
+    assert [(c.epoch, c.aliases) for c in mgr.checkpoints()] == [
+        (7, ("best", "epoch_7")), (19, ("epoch_19",)), (20, ("latest", "epoch_20"))]
+    logged = _finished(run)
+    assert len(logged) == 20  # offline, W&B records every upload and no deletion
+    assert [a["aliases"] for a in logged if "best" in a["aliases"]][-1] == {"latest", "best", "epoch_7"}
+    assert "W&B is offline" in caplog.text and "not deleted on W&B" in caplog.text
+
+
+def test_requires_an_active_wandb_run(tmp_path, run):
+    wandb.finish()
+    with pytest.raises(wandb.Error, match=r"You must call `wandb.init\(\)` before `WandbModelCheckpoint\(\)`"):
+        WandbModelCheckpoint(str(tmp_path / "m.keras"))
