@@ -31,12 +31,12 @@ import json
 import os
 import re
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from keepbest import _fs
-from keepbest.checkpoint import best_by
+from keepbest.checkpoint import Checkpoint, best_by
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import Manifest
 from keepbest.storage import INDEX_DIR
@@ -178,6 +178,14 @@ def current(root: str | os.PathLike[str], series: str, manifests: Sequence[Manif
 def next_version(record: AliasRecord, manifests: Sequence[Manifest]) -> int:
     """One more than any version ever given in this series (the record remembers deleted ones)."""
     return max([record.next_version, *((m.version + 1) for m in manifests if m.version is not None)])
+
+
+def annotate(root: str | os.PathLike[str], manifests: Sequence[Manifest],
+             checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    """``checkpoints`` with their aliases, computed per series from every manifest of the folder."""
+    records = {s: current(root, s, [m for m in manifests if m.series == s]) for s in {c.manifest.series for c in checkpoints}}
+    return [replace(c, aliases=tuple(records[c.manifest.series].of(c.version))) if c.version is not None else c
+            for c in checkpoints]
 
 
 def resolve(record: AliasRecord, manifests: Sequence[Manifest], ref: str) -> Manifest:

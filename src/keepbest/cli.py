@@ -1,4 +1,4 @@
-"""The ``keepbest`` command: ``ls``, ``verify``, ``gc`` and ``sidecar``.
+"""The ``keepbest`` command: ``ls``, ``verify``, ``gc``, ``promote``/``demote`` and ``sidecar``.
 
 Imports no framework; ``sidecar`` imports Keras only when it runs.
 """
@@ -13,8 +13,9 @@ import os
 import sys
 from typing import Sequence
 
-from keepbest import __version__, evaluation
-from keepbest.errors import CorruptCheckpointError
+from keepbest import __version__, aliases, evaluation
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
+from keepbest.manager import CheckpointManager
 from keepbest.listing import as_json, table
 from keepbest.checkpoint import find_checkpoints
 from keepbest.storage import LocalStore
@@ -33,6 +34,7 @@ def _ls(args: argparse.Namespace) -> int:
         return 2
     store, ckpts = find_checkpoints(args.dir)
     listing = store.list()
+    ckpts = aliases.annotate(store.root, listing.manifests, ckpts)
     if args.json:
         print(json.dumps(as_json(ckpts), indent=2))
     else:
@@ -83,6 +85,43 @@ def _gc(args: argparse.Namespace) -> int:
         report.removed.append(str(record))
     if not (report.rolled_forward or report.rolled_back or report.restored or report.removed):
         print("nothing to clean")
+    return 0
+
+
+def _series(store: LocalStore, wanted: str | None) -> str:
+    """The series to act on: the one asked for, or the folder's only one."""
+    found = sorted({m.series for m in store.list().manifests})
+    if wanted is not None and wanted in found:
+        return wanted
+    if wanted is None and len(found) == 1:
+        return found[0]
+    what = f"has no series '{wanted}'" if wanted else f"holds {len(found)} series, so --series must pick one"
+    raise SystemExit(f"keepbest: {store.root} {what}. Available: {', '.join(found) or 'none'}. "
+                     f"Received: --series {wanted}")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    if _missing(args.dir):
+        return 2
+    mgr = CheckpointManager(args.dir, series=_series(LocalStore(args.dir), args.series))
+    try:
+        ckpt = mgr.promote(args.version, args.alias)
+    except (ValueError, CheckpointNotFoundError) as e:
+        raise SystemExit(f"keepbest promote: {e}") from None
+    print(f"{args.alias} -> v{ckpt.version} ({ckpt.name}, epoch {ckpt.epoch}); retention keeps it while the "
+          "alias points there")
+    return 0
+
+
+def _demote(args: argparse.Namespace) -> int:
+    if _missing(args.dir):
+        return 2
+    mgr = CheckpointManager(args.dir, series=_series(LocalStore(args.dir), args.series))
+    try:
+        mgr.demote(args.alias)
+    except KeyError as e:
+        raise SystemExit(f"keepbest demote: {e.args[0]}") from None
+    print(f"removed alias {args.alias}")
     return 0
 
 
@@ -162,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("dir")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=_gc)
+    pr = sub.add_parser("promote", help="point a user alias (e.g. production) at a version; retention keeps it")
+    pr.add_argument("dir", help="the folder holding the checkpoints")
+    pr.add_argument("version", help="v3, 3, an alias (best, latest, epoch_7) or a checkpoint name")
+    pr.add_argument("--alias", required=True, help="the alias to set, e.g. production")
+    pr.add_argument("--series", help="the filepath template of the series, when the folder holds several")
+    pr.set_defaults(func=_promote)
+    de = sub.add_parser("demote", help="remove a user alias; its version is subject to retention again")
+    de.add_argument("dir")
+    de.add_argument("--alias", required=True)
+    de.add_argument("--series")
+    de.set_defaults(func=_demote)
     sc = sub.add_parser("sidecar", help="evaluate each checkpoint training commits (a process of its own)",
                         description="Follows DIR, evaluates each committed checkpoint with the model and data "
                                     "that the factories build, records the metrics beside each checkpoint, and "

@@ -36,7 +36,7 @@ def _number(value: Any) -> float | None:
 
 
 def table(checkpoints: Sequence[Checkpoint]) -> str:
-    """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best.
+    """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best, then version and aliases.
 
     Metrics a sidecar evaluator recorded appear as ``<evaluator>:<metric>`` columns.
     """
@@ -46,8 +46,9 @@ def table(checkpoints: Sequence[Checkpoint]) -> str:
     evaluated = sorted({(who, k) for c in checkpoints for who, rec in c.evaluations.items() for k in rec["metrics"]},
                        key=lambda wk: (wk[0], _metric_order(wk[1])))
     quarantined = any(rec.get("quarantined") for c in checkpoints for rec in c.evaluations.values())
+    versioned = any(c.version is not None for c in checkpoints)
     header = ["name", "epoch", "batch", "step", *metrics, *(f"{who}:{k}" for who, k in evaluated), "best", "size",
-              "saved", *(["evaluation"] if quarantined else [])]
+              "saved", *(["version", "aliases"] if versioned else []), *(["evaluation"] if quarantined else [])]
     rows = [header]
     for c in checkpoints:
         m = c.manifest
@@ -61,6 +62,7 @@ def table(checkpoints: Sequence[Checkpoint]) -> str:
             f"* {m.monitor.name}" if c.is_best and m.monitor else "",
             human_size(c.size),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+            *([("-" if c.version is None else f"v{c.version}"), ",".join(c.aliases)] if versioned else []),
             *([", ".join(f"quarantined by {who}" for who, rec in c.evaluations.items() if rec.get("quarantined"))]
               if quarantined else []),
         ])
@@ -88,6 +90,8 @@ def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
             "metrics": {k: (v if v == v and abs(v) != float("inf") else str(v)) for k, v in m.metrics.items()},
             "monitor": None if m.monitor is None else {"name": m.monitor.name, "mode": m.monitor.mode},
             "best": c.is_best,
+            "version": c.version,
+            "aliases": list(c.aliases),
             "size": c.size,
             "created": m.created,
             "files": [{"path": f.path, "size": f.size, f.algorithm: f.digest} for f in m.files],
