@@ -1,0 +1,138 @@
+"""MlflowPublisher against a real ``mlflow server`` on 127.0.0.1 (started once for this module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keepbest import CheckpointManager, KeepBest, KeepLast, Monitor
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from keepbest.mlflow_publisher import MlflowPublisher  # noqa: E402
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield url, root / "artifacts"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def run(server, request):
+    url, _ = server
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment(request.node.name[:60])
+    with mlflow.start_run() as r:
+        yield r
+    mlflow.set_tracking_uri(None)
+
+
+def _save(mgr, epoch, loss):
+    mgr.save(epoch * 10, {"w": np.full(4, epoch, np.float32)}, metrics={"val_loss": loss, "loss": 2 * loss},
+             epoch=epoch)
+
+
+def _remote_versions(client, run_id):
+    return sorted(f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(run_id, "checkpoints"))
+
+
+def test_versions_metrics_and_the_best_alias_reach_the_server(tmp_path, run):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"),
+                            publishers=[MlflowPublisher(registered_model_name="digits-best")])
+    for epoch, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+        _save(mgr, epoch, loss)
+    mgr.close()
+    client = MlflowClient()
+    run_id = run.info.run_id
+    assert _remote_versions(client, run_id) == ["v0", "v1", "v2"]
+    assert [f.path for f in client.list_artifacts(run_id, "checkpoints/v1/ckpt-000000020")] == [
+        "checkpoints/v1/ckpt-000000020/manifest.json", "checkpoints/v1/ckpt-000000020/state.safetensors"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [(10, 3.0), (20, 1.0),
+                                                                                          (30, 2.0)]
+    best = client.get_model_version_by_alias("digits-best", "best")
+    assert best.source == f"runs:/{run_id}/checkpoints/v1/ckpt-000000020" and best.tags["keepbest.version"] == "1"
+    downloaded = mlflow.artifacts.download_artifacts("models:/digits-best@best", dst_path=str(tmp_path / "dl"))
+    np.testing.assert_array_equal(np.frombuffer((Path(downloaded) / "state.safetensors").read_bytes()[-16:],
+                                                np.float32), np.full(4, 2, np.float32))
+
+
+def test_retention_keeps_at_most_three_versions_locally_and_on_the_server(tmp_path, run, server):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"), keep=[KeepLast(2), KeepBest(1)],
+                            publishers=[MlflowPublisher(registered_model_name="retention-best")])
+    losses = [1.0 - 0.04 * e if e != 6 else 0.1 for e in range(20)]  # epoch 7 stays the best
+    for epoch, loss in enumerate(losses, start=1):
+        _save(mgr, epoch, loss)
+    mgr.close()
+    assert [(c.epoch, c.version, c.aliases) for c in mgr.checkpoints()] == [
+        (7, 6, ("best", "epoch_7")), (19, 18, ("epoch_19",)), (20, 19, ("latest", "epoch_20"))]
+    client = MlflowClient()
+    assert _remote_versions(client, run.info.run_id) == ["v18", "v19", "v6"]
+    on_disk = sorted(p.name for p in server[1].rglob("v*") if p.parent.name == "checkpoints"
+                     and run.info.run_id in str(p))
+    assert on_disk == ["v18", "v19", "v6"]  # deleted on the server's disk, not only hidden
+    versions = client.search_model_versions("name='retention-best'")
+    assert [v.tags["keepbest.version"] for v in versions] == ["6"]  # earlier bests were registered, then deleted
+    assert client.get_model_version_by_alias("retention-best", "best").tags["keepbest.version"] == "6"
+
+
+def test_a_user_alias_is_registered_and_follows_promote(tmp_path, run):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"),
+                            publishers=[MlflowPublisher(registered_model_name="promoted")])
+    for epoch, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+        _save(mgr, epoch, loss)
+    mgr.promote("v2", "production")
+    mgr.close()
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("promoted", "production").tags["keepbest.version"] == "2"
+    assert client.get_model_version_by_alias("promoted", "best").tags["keepbest.version"] == "1"
+
+
+def test_publisher_requires_an_active_run(tmp_path, server):
+    mlflow.set_tracking_uri(server[0])
+    try:
+        with pytest.raises(RuntimeError, match=r"MlflowPublisher needs an MLflow run.*mlflow.start_run\(\)"):
+            MlflowPublisher()
+    finally:
+        mlflow.set_tracking_uri(None)
