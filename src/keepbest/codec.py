@@ -145,7 +145,7 @@ def write_encoded(path: str | os.PathLike[str], encoded: Encoded, digest: str | 
     finally:
         if hashing is not None:
             hashing.join()
-    return size, digest if h is None else h.hexdigest()
+    return size, str(h.hexdigest()) if h is not None else str(digest)
 
 
 def plan_shards(tensors: Mapping[str, np.ndarray], groups: Mapping[str, str] | None = None, *,

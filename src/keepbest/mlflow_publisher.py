@@ -109,21 +109,21 @@ class MlflowPublisher(Publisher):
         if number not in self.registered:
             assert self.model_name is not None
             if not self.registered:
-                self._ensure_registered_model()
+                self._ensure_registered_model(self.model_name)
             mv = self.client.create_model_version(self.model_name, source=f"runs:/{self.run_id}/{self.logged[number]}",
                                                   run_id=self.run_id, tags={"keepbest.version": str(number)})
             self.registered[number] = str(mv.version)
         return self.registered[number]
 
-    def _ensure_registered_model(self) -> None:
+    def _ensure_registered_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_registered_model(self.model_name)
+            self.client.get_registered_model(name)
         except MlflowException as e:
             if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            self.client.create_registered_model(self.model_name)
+            self.client.create_registered_model(name)
 
     def deleted(self, series: str, number: int, name: str) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -133,6 +133,6 @@ class MlflowPublisher(Publisher):
             return  # never uploaded (its upload failed, or it predates this publisher)
         get_artifact_repository(self.artifact_uri).delete_artifacts(path.rsplit("/", 1)[0])
         model_version = self.registered.pop(number, None)
-        if model_version is not None:
+        if model_version is not None and self.model_name is not None:
             self.client.delete_model_version(self.model_name, model_version)
             self._aliases = {a: v for a, v in self._aliases.items() if v != model_version}
