@@ -303,23 +303,22 @@ class CheckpointManager:
         )
         _check_readable(manifest)
         self.writer.wait()  # back-pressure; staging buffers are free again after this
-        mine = self._mine()
-        manifest = replace(manifest, version=aliases.next_version(aliases.read(self.store.root, self.series), mine))
         if isinstance(state, Mapping):
             tensors = self.writer.staging.snapshot({STATE_FILE: state})[STATE_FILE] if snapshot else state
             state = TensorPayload({STATE_FILE: tensors}, detached=True)
         payload = state
-        if isinstance(payload, TensorPayload) and payload.base is None and self.dedup:
-            payload = replace(payload, base=self._base(mine))
         written: tuple[Path, tuple[FileEntry, ...]] | None = None
         if not payload.detached:  # it reads live state: write now, commit in the background
-            written = self._write(name, payload)
+            written = self._write(name, self._deduplicated(payload, self._mine()))
         monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
 
         def persist() -> Checkpoint:
-            staged, entries = written or self._write(name, payload)
-            replaced = [m for m in self._mine() if m.name == name]
-            committed = self.store.commit(staged, manifest.with_files(entries))
+            # The listing, the version number and the write run here, off the training thread.
+            before = self._mine()
+            staged, entries = written or self._write(name, self._deduplicated(payload, before))
+            replaced = [m for m in before if m.name == name]
+            version = aliases.next_version(aliases.read(self.store.root, self.series), before)
+            committed = self.store.commit(staged, replace(manifest, version=version).with_files(entries))
             # One listing serves retention, aliases and the returned checkpoint; the new one is never
             # pruned, even if the clock went back.
             with aliases.locked(self.store.root, self.series):
@@ -339,13 +338,13 @@ class CheckpointManager:
 
         return self.writer.submit(str(self.store.root / name), persist)
 
-    def _base(self, mine: Sequence[Manifest]) -> dict[str, tuple[Path, FileEntry]]:
-        """The newest folder checkpoint's files, which unchanged files of the next save are linked to."""
+    def _deduplicated(self, payload: Payload, mine: Sequence[Manifest]) -> Payload:
+        """``payload`` with the newest folder checkpoint's files as the base its unchanged files link to."""
         folders = [m for m in mine if m.layout == "dir"]
-        if not folders:
-            return {}
+        if not (self.dedup and folders and isinstance(payload, TensorPayload) and payload.base is None):
+            return payload
         newest = max(folders, key=lambda m: (m.created, m.name))
-        return {e.path: (self.store.root / newest.name / e.path, e) for e in newest.files}
+        return replace(payload, base={e.path: (self.store.root / newest.name / e.path, e) for e in newest.files})
 
     def mark_training_end(self) -> None:
         """Tells sidecar evaluators that this series is complete; waits for the save in flight first."""

@@ -63,7 +63,7 @@ class WandbPublisher(Publisher):
         self.artifact_type = artifact_type
         self.offline = bool(self.run.offline)
         self.remote: dict[int, str] = {}  # keepbest version -> W&B version ("v3"), known online only
-        self._said_offline = False
+        self._said_offline = self._said_aliases = False
 
     def committed(self, version: Version) -> None:
         m = version.manifest
@@ -84,6 +84,11 @@ class WandbPublisher(Publisher):
     def aliases_moved(self, series: str, aliases: Mapping[str, int]) -> None:
         # Automatic aliases travel with each logged version; only user aliases can move elsewhere.
         if self.offline:
+            user = sorted(a for a in aliases if a not in ("latest", "best") and not a.startswith("epoch_"))
+            if user and not self._said_aliases:
+                self._said_aliases = True
+                log.warning("keepbest: W&B is offline, so the user aliases %s are not set on W&B (W&B records "
+                            "no alias moves offline); set them there after `wandb sync`.", ", ".join(user))
             return
         for alias, number in aliases.items():
             if number in self.remote:

@@ -38,7 +38,8 @@ def server(tmp_path_factory):
            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
