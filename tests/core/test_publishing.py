@@ -116,3 +116,14 @@ def test_promote_tells_publishers_where_the_aliases_point(tmp_path):
 def test_publish_queue_refuses_what_is_not_a_publisher():
     with pytest.raises(TypeError, match=r"publishers must be a non-empty list.*Received: publishers=\['wandb'\]"):
         PublishQueue(["wandb"])  # type: ignore[list-item]
+
+
+def test_an_upload_snapshot_left_by_a_killed_process_is_removed_by_recovery(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"w": np.zeros(2)})
+    left = tmp_path / ".keepbest" / "uploads" / ".keepbest-tmp-999999999.1-0a0b0c0d" / "ckpt-000000001"
+    left.mkdir(parents=True)
+    (left / "state.safetensors").write_bytes(b"linked bytes")
+    assert LocalStore(tmp_path).orphans() == [left.parent]
+    LocalStore(tmp_path).recover()
+    assert not left.parent.exists() and len(mgr.checkpoints()) == 1

@@ -140,3 +140,13 @@ def test_requires_an_active_wandb_run(tmp_path, run):
     wandb.finish()
     with pytest.raises(wandb.Error, match=r"You must call `wandb.init\(\)` before `WandbModelCheckpoint\(\)`"):
         WandbModelCheckpoint(str(tmp_path / "m.keras"))
+
+
+def test_signature_is_the_one_of_wandb_s_callback():
+    import inspect
+
+    params = inspect.signature(WandbModelCheckpoint).parameters
+    assert [(n, p.default) for n, p in params.items()] == [
+        ("filepath", inspect.Parameter.empty), ("monitor", "val_loss"), ("verbose", 0), ("save_best_only", False),
+        ("save_weights_only", False), ("mode", "auto"), ("save_freq", "epoch"), ("initial_value_threshold", None),
+        ("kwargs", inspect.Parameter.empty)]
