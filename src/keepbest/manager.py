@@ -329,10 +329,9 @@ class CheckpointManager:
                 aliases.write(self.store.root, record)
             if self.publisher is not None:
                 gone = [m for m in mine if m not in kept] + [m for m in replaced if m.version != committed.version]
-                version = Version(committed.version or 0, self.series, committed,
-                                  self.publisher.snapshot(self.store.root, committed),
-                                  tuple(record.of(committed.version)))
-                self.publisher.put(events_for(self.series, version, record.all, gone))
+                published = Version(version, self.series, committed, self.publisher.snapshot(self.store.root, committed),
+                                    tuple(record.of(version)))
+                self.publisher.put(events_for(self.series, published, record.all, gone))
             return next((c for c in self._as_checkpoints(kept, monitor) if c.name == name),
                         Checkpoint(committed, self.store.root / name))
 

@@ -184,6 +184,8 @@ class PublishQueue:
                 if event is None:
                     return
                 self._handle(event)
+            except Exception as err:  # the thread must outlive any event, or wait() would never return
+                self._fail(f"{event.kind} event of {event.series}: {type(err).__name__}: {err}")
             finally:
                 self._events.task_done()
 
