@@ -21,6 +21,7 @@ def test_model_checkpoint_publishes_to_the_default_local_store(tmp_path, digits,
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)
+    mlflow.set_experiment("keepbest")  # an experiment of this store (another test may have chosen one elsewhere)
     x, y = digits
     with mlflow.start_run() as run:
         assert mlflow.get_tracking_uri() == f"sqlite:///{os.getcwd()}/mlflow.db"

@@ -53,6 +53,7 @@ def run(tmp_path, monkeypatch):
     yield r
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()  # each test gets a service process of its own, started with its own folders
 
 
 @pytest.fixture
