@@ -178,16 +178,14 @@ class PublishQueue:
 
     # -- the queue's thread --------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            event = self._events.get()
+        while (event := self._events.get()) is not None:
             try:
-                if event is None:
-                    return
                 self._handle(event)
             except Exception as err:  # the thread must outlive any event, or wait() would never return
                 self._fail(f"{event.kind} event of {event.series}: {type(err).__name__}: {err}")
             finally:
                 self._events.task_done()
+        self._events.task_done()  # the None that closed the queue
 
     def _handle(self, e: _Event) -> None:
         for i, p in enumerate(self.publishers):

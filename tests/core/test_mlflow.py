@@ -61,13 +61,25 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture
-def run(server, request):
+def mlflow_env():
+    """MLflow keeps the tracking URI and experiment in os.environ: put them back for the tests that follow."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    yield
+    mlflow.set_tracking_uri(None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def run(server, request, mlflow_env):
     url, _ = server
     mlflow.set_tracking_uri(url)
     mlflow.set_experiment(request.node.name[:60])
     with mlflow.start_run() as r:
         yield r
-    mlflow.set_tracking_uri(None)
 
 
 def _save(mgr, epoch, loss):
@@ -130,10 +142,7 @@ def test_a_user_alias_is_registered_and_follows_promote(tmp_path, run):
     assert client.get_model_version_by_alias("promoted", "best").tags["keepbest.version"] == "1"
 
 
-def test_publisher_requires_an_active_run(tmp_path, server):
+def test_publisher_requires_an_active_run(tmp_path, server, mlflow_env):
     mlflow.set_tracking_uri(server[0])
-    try:
-        with pytest.raises(RuntimeError, match=r"MlflowPublisher needs an MLflow run.*mlflow.start_run\(\)"):
-            MlflowPublisher()
-    finally:
-        mlflow.set_tracking_uri(None)
+    with pytest.raises(RuntimeError, match=r"MlflowPublisher needs an MLflow run.*mlflow.start_run\(\)"):
+        MlflowPublisher()

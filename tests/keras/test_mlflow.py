@@ -20,6 +20,7 @@ def test_model_checkpoint_publishes_to_the_default_local_store(tmp_path, digits,
     monkeypatch.chdir(tmp_path)  # MLflow's default store is ./mlflow.db with artifacts in ./mlruns
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # set_experiment writes it; monkeypatch removes it afterwards
     mlflow.set_tracking_uri(None)
     mlflow.set_experiment("keepbest")  # an experiment of this store (another test may have chosen one elsewhere)
     x, y = digits
