@@ -6,8 +6,10 @@ import base64
 import hashlib
 import importlib.abc
 import logging
+import os
 import sys
 import traceback
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -65,9 +67,14 @@ def tf_imports():
 
 
 def _finished(run):
-    run_dir = run.settings.sync_dir
+    run_dir = Path(run.settings.sync_dir)
     wandb.finish()
-    return artifacts(run_dir)
+    logged = artifacts(run_dir)
+    if not logged:  # say what W&B's own logs recorded, to tell a W&B failure from a keepbest one
+        logs = sorted(run_dir.glob("logs/*.log")) + sorted(Path(os.environ["WANDB_CACHE_DIR"]).rglob("*.log"))
+        raise AssertionError("the offline run recorded no artifact; W&B logs:\n" + "\n".join(
+            f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in logs))
+    return logged
 
 
 def _md5(path):
