@@ -69,6 +69,9 @@ def tf_imports():
 def _finished(run):
     run_dir = Path(run.settings.sync_dir)
     wandb.finish()
+    # finish() can return before W&B's service has written the artifact records (measured: 9 runs in 60
+    # with none yet); teardown stops the service once it has flushed them.
+    wandb.teardown()
     logged = artifacts(run_dir)
     if not logged:  # say what W&B's own logs recorded, to tell a W&B failure from a keepbest one
         logs = sorted(run_dir.glob("logs/*.log")) + sorted(Path(os.environ["WANDB_CACHE_DIR"]).rglob("*.log"))
