@@ -12,6 +12,7 @@ from keepbest.errors import (  # noqa: E402
     CorruptCheckpointError,
     KeepbestError,
     MonitorError,
+    PublishError,
     StateMismatchError,
     StorageError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Monitor",
     "MonitorError",
     "MonitorRecord",
+    "PublishError",
     "SaveHandle",
     "StateMismatchError",
     "StorageError",
