@@ -122,3 +122,17 @@ def exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT)
+
+
+def hard_link(source: Path, dest: Path) -> bool:
+    """Hard-links a committed, never-modified file; False where the filesystem cannot (the caller writes it)."""
+    try:
+        os.link(source, dest)
+    except OSError as e:
+        if e.errno in _NO_LINK:
+            return False
+        raise
+    return True

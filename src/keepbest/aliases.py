@@ -70,12 +70,17 @@ def _alias_order(alias: str) -> tuple[int, str]:
     return ({"latest": 0, "best": 1}.get(alias, 2), alias)
 
 
+def is_automatic(alias: str) -> bool:
+    """Whether keepbest sets ``alias`` itself (``latest``, ``best``, ``epoch_N``, ``vN``)."""
+    return bool(_AUTOMATIC.fullmatch(alias))
+
+
 def check_user_alias(alias: str) -> None:
     """Refuses names keepbest sets itself and names that could not be a W&B/MLflow alias."""
     if not isinstance(alias, str) or not _USER.fullmatch(alias):
         raise ValueError(f"Alias {alias!r} is not a valid name: use letters, digits, '_', '.' and '-' "
                          f"(at most 128, starting with a letter or digit). Received: alias={alias!r}")
-    if _AUTOMATIC.fullmatch(alias):
+    if is_automatic(alias):
         raise ValueError(f"Alias '{alias}' is set by keepbest itself (latest, best, epoch_N, vN) and moves with "
                          f"every save. Choose another name, such as 'production'. Received: alias={alias!r}")
 
@@ -183,7 +188,8 @@ def next_version(record: AliasRecord, manifests: Sequence[Manifest]) -> int:
 def annotate(root: str | os.PathLike[str], manifests: Sequence[Manifest],
              checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
     """``checkpoints`` with their aliases, computed per series from every manifest of the folder."""
-    records = {s: current(root, s, [m for m in manifests if m.series == s]) for s in {c.manifest.series for c in checkpoints}}
+    records = {s: current(root, s, [m for m in manifests if m.series == s])
+               for s in {c.manifest.series for c in checkpoints}}
     return [replace(c, aliases=tuple(records[c.manifest.series].of(c.version))) if c.version is not None else c
             for c in checkpoints]
 

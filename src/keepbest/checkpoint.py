@@ -8,7 +8,6 @@ best of each series marked; ``first_verified`` picks what may be loaded.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import warnings
@@ -18,7 +17,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from keepbest import _digest, codec, evaluation
+from keepbest import _digest, _fs, codec, evaluation
 from keepbest.errors import CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.policy import Candidate, best_candidate
@@ -104,13 +103,10 @@ class TensorPayload:
         if previous is not None and previous[1].size == encoded.size and previous[1].algorithm == _digest.DEFAULT:
             digest = encoded.digest()
             # The committed file is re-hashed first: a damaged one is written afresh, never inherited.
-            if digest == previous[1].digest and _intact(previous[0], previous[1]) and _link(previous[0], target / rel):
+            if digest == previous[1].digest and _intact(*previous) and _fs.hard_link(previous[0], target / rel):
                 return FileEntry(path=rel, size=encoded.size, digest=digest)
         size, digest = codec.write_encoded(target / rel, encoded, digest)
         return FileEntry(path=rel, size=size, digest=digest)
-
-
-_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT)
 
 
 def _intact(path: Path, entry: FileEntry) -> bool:
@@ -119,16 +115,6 @@ def _intact(path: Path, entry: FileEntry) -> bool:
     except FileNotFoundError:
         return False
 
-
-def _link(source: Path, dest: Path) -> bool:
-    """Hard-links a committed, never-modified file; False where the filesystem cannot (then it is written)."""
-    try:
-        os.link(source, dest)
-    except OSError as e:
-        if e.errno in _NO_LINK:
-            return False
-        raise
-    return True
 
 
 @dataclass(frozen=True)
@@ -204,12 +190,13 @@ def find_checkpoints(path: str | os.PathLike[str]) -> tuple[LocalStore, list[Che
     """The checkpoints at ``path``: a checkpoint folder itself, or a folder holding checkpoints."""
     p = Path(path)
     # One checkpoint: a folder with its manifest inside, or a Keras file indexed beside it.
-    if (p / MANIFEST_NAME).is_file() or p.is_file():
-        store = LocalStore(p.parent)
-        return store, _with_evaluations(store, [c for c in mark_best(store.list().manifests, p.parent)
-                                                if c.name == p.name])
-    store = LocalStore(p)
-    return store, _with_evaluations(store, mark_best(store.list().manifests, p))
+    from keepbest import aliases  # it builds on this module (best_by), so it is imported at call time
+
+    single = (p / MANIFEST_NAME).is_file() or p.is_file()
+    store = LocalStore(p.parent if single else p)
+    manifests = store.list().manifests
+    ckpts = [c for c in mark_best(manifests, store.root) if not single or c.name == p.name]
+    return store, _with_evaluations(store, aliases.annotate(store.root, manifests, ckpts))
 
 
 def _with_evaluations(store: LocalStore, ckpts: list[Checkpoint]) -> list[Checkpoint]:

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from keepbest import __version__, aliases, evaluation
+from keepbest import __version__, evaluation
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manager import CheckpointManager
 from keepbest.listing import as_json, table
@@ -34,7 +34,6 @@ def _ls(args: argparse.Namespace) -> int:
         return 2
     store, ckpts = find_checkpoints(args.dir)
     listing = store.list()
-    ckpts = aliases.annotate(store.root, listing.manifests, ckpts)
     if args.json:
         print(json.dumps(as_json(ckpts), indent=2))
     else:

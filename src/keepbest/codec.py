@@ -149,7 +149,8 @@ def write_encoded(path: str | os.PathLike[str], encoded: Encoded, digest: str | 
 
 
 def plan_shards(tensors: Mapping[str, np.ndarray], groups: Mapping[str, str] | None = None, *,
-                min_bytes: int = SHARD_MIN_BYTES, max_bytes: int = SHARD_MAX_BYTES) -> tuple[list[str], list[list[str]]]:
+                min_bytes: int = SHARD_MIN_BYTES,
+                max_bytes: int = SHARD_MAX_BYTES) -> tuple[list[str], list[list[str]]]:
     """Splits tensor names into the main file's and shard files' (for dedup of unchanged tensors).
 
     Tensors under ``min_bytes`` stay in the main file. Larger ones, in order,

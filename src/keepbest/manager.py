@@ -329,8 +329,8 @@ class CheckpointManager:
                 aliases.write(self.store.root, record)
             if self.publisher is not None:
                 gone = [m for m in mine if m not in kept] + [m for m in replaced if m.version != committed.version]
-                published = Version(version, self.series, committed, self.publisher.snapshot(self.store.root, committed),
-                                    tuple(record.of(version)))
+                snapshot = self.publisher.snapshot(self.store.root, committed)
+                published = Version(version, self.series, committed, snapshot, tuple(record.of(version)))
                 self.publisher.put(events_for(self.series, published, record.all, gone))
             return next((c for c in self._as_checkpoints(kept, monitor) if c.name == name),
                         Checkpoint(committed, self.store.root / name))

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from keepbest.aliases import is_automatic
 from keepbest.publishing import Publisher, Version
 
-_AUTOMATIC = ("latest", "best")
 
 
 def import_mlflow() -> Any:
@@ -93,7 +93,7 @@ class MlflowPublisher(Publisher):
     def aliases_moved(self, series: str, aliases: Mapping[str, int]) -> None:
         if self.model_name is None:
             return
-        wanted = {a: n for a, n in aliases.items() if a == "best" or (a not in _AUTOMATIC and not a.startswith("epoch_"))}
+        wanted = {a: n for a, n in aliases.items() if a == "best" or not is_automatic(a)}
         for alias, number in sorted(wanted.items()):
             if number not in self.logged:
                 continue  # its upload failed: nothing to register

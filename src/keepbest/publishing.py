@@ -216,7 +216,8 @@ class PublishQueue:
                 call()
                 return True
             except Exception as err:  # reported below and at close(); the local checkpoint is safe
-                last = f"{type(publisher).__name__}: {what} failed after {attempt} attempt(s): {type(err).__name__}: {err}"
+                last = (f"{type(publisher).__name__}: {what} failed after {attempt} attempt(s): "
+                        f"{type(err).__name__}: {err}")
                 if attempt < self.attempts:
                     log.warning("%s; retrying in %.0f s", last, delay)
                     self._sleep(delay)
@@ -231,9 +232,7 @@ class PublishQueue:
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:  # a filesystem without hard links: a copy is the same bytes
+    if not _fs.hard_link(source, dest):  # a filesystem without hard links: a copy is the same bytes
         shutil.copy2(source, dest)
 
 

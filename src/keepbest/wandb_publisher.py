@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from keepbest.aliases import is_automatic
 from keepbest.publishing import Publisher, Version
 
 log = logging.getLogger("keepbest")
@@ -84,7 +85,7 @@ class WandbPublisher(Publisher):
     def aliases_moved(self, series: str, aliases: Mapping[str, int]) -> None:
         # Automatic aliases travel with each logged version; only user aliases can move elsewhere.
         if self.offline:
-            user = sorted(a for a in aliases if a not in ("latest", "best") and not a.startswith("epoch_"))
+            user = sorted(a for a in aliases if not is_automatic(a))
             if user and not self._said_aliases:
                 self._said_aliases = True
                 log.warning("keepbest: W&B is offline, so the user aliases %s are not set on W&B (W&B records "

@@ -127,3 +127,15 @@ def test_cli_demote_releases_the_alias(tmp_path, capsys):
     assert "production" not in mgr.aliases
     with pytest.raises(SystemExit, match=r"has no user alias 'production'. User aliases: none"):
         main(["demote", str(tmp_path), "--alias", "production"])
+
+
+def test_list_checkpoints_reports_versions_and_aliases(tmp_path):
+    import keepbest
+
+    mgr = _manager(tmp_path, keep=())
+    for epoch, loss in [(1, 3.0), (2, 1.0)]:
+        _save(mgr, epoch, loss)
+    assert [(c.version, c.aliases) for c in keepbest.list_checkpoints(tmp_path)] == [
+        (0, ("epoch_1",)), (1, ("latest", "best", "epoch_2"))]
+    (single,) = keepbest.list_checkpoints(tmp_path / "ckpt-000000010")  # one checkpoint: aliases of its series
+    assert single.aliases == ("epoch_1",)
