@@ -33,7 +33,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import keepbest.keras  # noqa: E402
 from keepbest.listing import table  # noqa: E402
-from keepbest.checkpoint import find_checkpoints  # noqa: E402
+from keepbest.discovery import list_checkpoints  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="keepbest_demo")
@@ -123,11 +123,11 @@ def main() -> None:
     if start_sidecar(args.dir).wait() != 0:
         raise SystemExit("the restarted sidecar failed")
 
-    _store, ckpts = find_checkpoints(args.dir)
+    ckpts = list_checkpoints(args.dir)
     print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`); "
           "eval: columns are the sidecar's test-set metrics:\n")
     print(table(ckpts))
-    exported = [c for c in find_checkpoints(os.path.join(args.dir, "best_eval"))[1] if c.is_best][-1]
+    exported = [c for c in list_checkpoints(os.path.join(args.dir, "best_eval")) if c.is_best][-1]
     source = exported.manifest.extra["evaluated_checkpoint"]["name"]
     print(f"\nThe sidecar exported {exported.path} as the best by test loss "
           f"({exported.metrics['loss']:.4f}): the evaluation of {source}, epoch {exported.epoch}.")

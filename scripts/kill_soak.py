@@ -67,10 +67,11 @@ def main() -> int:
             for trial in range(a.resume_trials):
                 folder = Path(tmp) / f"resume{trial}"
                 folder.mkdir()
-                reached, weights = kill_then_resume(folder, rng)
-                if weights != expected:
+                result = kill_then_resume(folder, rng)
+                if result.weights != expected:
                     inexact += 1
-                    print(f"  inexact resume: trial {trial + 1}, killed after steps {reached}", flush=True)
+                    print(f"  inexact resume: trial {trial + 1}, killed after steps {result.reached}, resumed "
+                          f"at step {result.resumed_at}", flush=True)
             print(f"BackupAndRestore: resume trials {a.resume_trials} (2 kills each), inexact resumes {inexact}",
                   flush=True)
     print(f"total: trials {totals['trials']}, killed inside a save {totals['mid_save']}, previous-best lost "

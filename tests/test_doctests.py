@@ -7,8 +7,10 @@ import importlib
 
 import pytest
 
-MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.storage", "keepbest.codec", "keepbest.manager", "keepbest.writer",
-           "keepbest.evaluation", "keepbest.follower"]
+MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.store", "keepbest.store.local", "keepbest.codec",
+           "keepbest.manager", "keepbest.writer", "keepbest.evaluation", "keepbest.follower", "keepbest.series",
+           "keepbest.history", "keepbest.payload", "keepbest.checkpoint", "keepbest.discovery", "keepbest.matching",
+           "keepbest.rng", "keepbest.publishing"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -4,9 +4,10 @@ The core (this package) is framework-free; ``keepbest.keras`` is the Keras 3
 adapter, imported on its own so that the core never pulls a framework in.
 """
 
-__version__ = "0.2.0"
-
-from keepbest.errors import (  # noqa: E402
+from keepbest._version import __version__
+from keepbest.checkpoint import Checkpoint
+from keepbest.discovery import list_checkpoints
+from keepbest.errors import (
     AsyncSaveError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -16,12 +17,12 @@ from keepbest.errors import (  # noqa: E402
     StateMismatchError,
     StorageError,
 )
-from keepbest.checkpoint import Checkpoint, TensorPayload, list_checkpoints  # noqa: E402
-from keepbest.manager import CheckpointManager  # noqa: E402
-from keepbest.manifest import FileEntry, Manifest, MonitorRecord  # noqa: E402
-from keepbest.policy import KeepBest, KeepLast, Monitor  # noqa: E402
-from keepbest.storage import LocalStore  # noqa: E402
-from keepbest.writer import AsyncWriter, SaveHandle  # noqa: E402
+from keepbest.manager import CheckpointManager
+from keepbest.manifest import FileEntry, Manifest, MonitorRecord
+from keepbest.payload import TensorPayload
+from keepbest.policy import KeepBest, KeepLast, Monitor
+from keepbest.store import LocalStore, Store
+from keepbest.writer import AsyncWriter, SaveHandle
 
 __all__ = [
     "AsyncSaveError",
@@ -43,6 +44,7 @@ __all__ = [
     "SaveHandle",
     "StateMismatchError",
     "StorageError",
+    "Store",
     "TensorPayload",
     "__version__",
     "list_checkpoints",

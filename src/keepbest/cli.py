@@ -13,62 +13,81 @@ import os
 import sys
 from typing import Sequence
 
-from keepbest import __version__, evaluation
-from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
-from keepbest.manager import CheckpointManager
+from keepbest import evaluation, store as stores
+from keepbest._version import __version__
+from keepbest.discovery import Found, find
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from keepbest.listing import as_json, table
-from keepbest.checkpoint import find_checkpoints
-from keepbest.storage import LocalStore
+from keepbest.manager import CheckpointManager
 
 
-def _missing(path: str) -> bool:
-    if os.path.exists(path):
-        return False
-    print(f"keepbest: {path} does not exist. Pass a folder of checkpoints, a checkpoint folder or a "
-          f"Keras file. Received: {path}", file=sys.stderr)
-    return True
+def _find(path: str) -> Found | None:
+    """What ``path`` holds; None (with a message) when it does not exist or cannot be served."""
+    try:
+        found = find(path)
+    except (StorageError, ValueError) as e:
+        print(f"keepbest: {e}", file=sys.stderr)
+        return None
+    if found.name is None and not found.store.exists():
+        print(f"keepbest: {path} does not exist. Pass a folder of checkpoints, a checkpoint folder or a "
+              f"Keras file. Received: {path}", file=sys.stderr)
+        return None
+    return found
 
 
 def _ls(args: argparse.Namespace) -> int:
-    if _missing(args.dir):
+    found = _find(args.dir)
+    if found is None:
         return 2
-    store, ckpts = find_checkpoints(args.dir)
-    listing = store.list()
     if args.json:
-        print(json.dumps(as_json(ckpts), indent=2))
+        print(json.dumps(as_json(found.checkpoints, found.damaged), indent=2))
     else:
-        print(table(ckpts))
-    for err in listing.errors:
-        print(f"warning: {err}", file=sys.stderr)
-    return 0
+        print(table(found.checkpoints, found.damaged))
+    return 1 if found.damaged else 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if _missing(args.dir):
+    found = _find(args.dir)
+    if found is None:
         return 2
-    store, ckpts = find_checkpoints(args.dir)
-    bad = 0
-    for c in ckpts:
+    bad = gone = 0
+    for c in found.checkpoints:
         try:
-            store.verify(c.manifest)
+            found.store.verify(c.manifest)
         except CorruptCheckpointError as e:
             bad += 1
             print(f"CORRUPT {c.name}: {e}")
+        except CheckpointNotFoundError:
+            gone += 1
+            print(f"gone    {c.name} (deleted or saved again while it was verified: not damaged)")
         else:
             print(f"ok      {c.name} ({len(c.manifest.files)} file(s), digests verified)")
-    for err in store.list().errors:
+    for d in found.damaged:
         bad += 1
-        print(f"CORRUPT {err}")
-    print(f"{len(ckpts) - min(bad, len(ckpts))} of {len(ckpts)} checkpoint(s) verified"
-          + (f"; {bad} problem(s)" if bad else ""))
+        print(f"CORRUPT {d.name}: {d.reason}")
+    total = len(found.checkpoints) - gone + len(found.damaged)
+    print(f"{total - bad} of {total} checkpoint(s) verified" + (f"; {bad} problem(s)" if bad else "")
+          + (f"; {gone} deleted meanwhile" if gone else ""))
     return 1 if bad else 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    store = LocalStore(args.dir)
+    try:
+        store = stores.open(args.dir)
+    except (StorageError, ValueError) as e:
+        print(f"keepbest: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
-        for p in store.orphans():
+        orphans = store.orphans()
+        stale = [d.name for d in store.list().damaged if d.manifest is not None and "is missing" in d.reason]
+        for p in orphans.dead:
             print(f"would remove {p}")
+        for name in stale:
+            print(f"would remove the stale manifest of {name} (its data is gone)")
+        for p in orphans.undecided:
+            print(f"would leave {p}: its writer may still run on another host or in another PID namespace")
+        if not (orphans.dead or stale or orphans.undecided):
+            print("nothing to clean")
         return 0
     report = store.recover()
     for name in report.rolled_forward:
@@ -79,30 +98,36 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"restored {name} (a replacement was interrupted)")
     for removed in report.removed:
         print(f"removed {removed}")
-    for record in evaluation.prune_records(store.root, store.list().manifests):
+    for name in report.stale:
+        print(f"removed the stale manifest of {name} (its data was deleted)")
+    for record in evaluation.prune_records(store, store.list().manifests):
         print(f"removed {record} (evaluation of a checkpoint that is gone)")
-        report.removed.append(str(record))
-    if not (report.rolled_forward or report.rolled_back or report.restored or report.removed):
+        report.removed.append(record)
+    for left in report.undecided:
+        print(f"left {left}: its writer may still run on another host or in another PID namespace; remove it "
+              "by hand once no keepbest process writes here")
+    if not (report.changed or report.undecided):
         print("nothing to clean")
     return 0
 
 
-def _series(store: LocalStore, wanted: str | None) -> str:
+def _series(found: Found, wanted: str | None) -> str:
     """The series to act on: the one asked for, or the folder's only one."""
-    found = sorted({m.series for m in store.list().manifests})
-    if wanted is not None and wanted in found:
+    names = sorted({c.manifest.series for c in found.checkpoints})
+    if wanted is not None and wanted in names:
         return wanted
-    if wanted is None and len(found) == 1:
-        return found[0]
-    what = f"has no series '{wanted}'" if wanted else f"holds {len(found)} series, so --series must pick one"
-    raise SystemExit(f"keepbest: {store.root} {what}. Available: {', '.join(found) or 'none'}. "
+    if wanted is None and len(names) == 1:
+        return names[0]
+    what = f"has no series '{wanted}'" if wanted else f"holds {len(names)} series, so --series must pick one"
+    raise SystemExit(f"keepbest: {found.store.where()} {what}. Available: {', '.join(names) or 'none'}. "
                      f"Received: --series {wanted}")
 
 
 def _promote(args: argparse.Namespace) -> int:
-    if _missing(args.dir):
+    found = _find(args.dir)
+    if found is None:
         return 2
-    mgr = CheckpointManager(args.dir, series=_series(LocalStore(args.dir), args.series))
+    mgr = CheckpointManager(found.store.url, series=_series(found, args.series))
     try:
         ckpt = mgr.promote(args.version, args.alias)
     except (ValueError, CheckpointNotFoundError) as e:
@@ -113,9 +138,10 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _demote(args: argparse.Namespace) -> int:
-    if _missing(args.dir):
+    found = _find(args.dir)
+    if found is None:
         return 2
-    mgr = CheckpointManager(args.dir, series=_series(LocalStore(args.dir), args.series))
+    mgr = CheckpointManager(found.store.url, series=_series(found, args.series))
     try:
         mgr.demote(args.alias)
     except KeyError as e:

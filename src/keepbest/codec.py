@@ -1,17 +1,17 @@
-"""Tensors to and from bytes in the safetensors format, written and read here.
+"""Tensors to and from bytes in the safetensors format, encoded and decoded here (no file I/O).
 
 The format is an 8-byte little-endian header length, a JSON header
 (``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``)
 and the raw little-endian tensor bytes. Files are interchangeable with the
-``safetensors`` package. Reading validates the whole header before touching
-data (sizes, offsets, dtypes, no overlaps, no gaps), maps the file with mmap
-and never executes anything.
+``safetensors`` package. Decoding validates the whole header before touching
+data (sizes, offsets, dtypes, no overlaps, no gaps), returns arrays that view
+the buffer it is given (a memory map, from the store) and never executes
+anything. Writing and reading files is the store's business.
 
 Example:
-    >>> import numpy as np, tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
-    >>> size, sha = write_file(path, {"w": np.arange(3, dtype=np.float32)})
-    >>> read_file(path)["w"].tolist()
+    >>> import numpy as np
+    >>> data = encode({"w": np.arange(3, dtype=np.float32)}).to_bytes()
+    >>> decode(data)["w"].tolist()
     [0.0, 1.0, 2.0]
 """
 
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
+import posixpath
 import struct
-import threading
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -34,7 +32,6 @@ from keepbest.errors import CorruptCheckpointError
 # Headers larger than this are not something keepbest wrote; refusing them
 # avoids allocating whatever a damaged length field claims.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_WRITE_BYTES = 64 << 20  # one write() call; well under Linux's 2 GiB cap per call
 _PARALLEL_HASH_BYTES = 4 << 20  # below this a hashing thread costs more than it saves
 
 _DTYPES: dict[str, np.dtype[Any]] = {
@@ -105,47 +102,18 @@ class Encoded:
 
     def digest(self) -> str:
         h = _digest.new(threads=self.size >= _PARALLEL_HASH_BYTES)
-        _hash_all(h, self.pieces)
+        for piece in self.pieces:
+            h.update(piece)
         return str(h.hexdigest())
+
+    def to_bytes(self) -> bytes:
+        return b"".join(bytes(p) for p in self.pieces)
 
 
 def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Encoded:
     """The bytes of a safetensors file, without copying the arrays (they must not change meanwhile)."""
     head, arrays = _header(tensors, metadata)
     return Encoded([memoryview(head)] + [arr.reshape(-1).view(np.uint8).data for arr in arrays if arr.size])
-
-
-def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
-               metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Writes ``tensors`` to ``path``; returns (size, BLAKE3 digest) of what was written."""
-    return write_encoded(path, encode(tensors, metadata))
-
-
-def write_encoded(path: str | os.PathLike[str], encoded: Encoded, digest: str | None = None) -> tuple[int, str]:
-    """Writes ``encoded`` to ``path``; returns (size, BLAKE3 digest).
-
-    Without a known ``digest`` it is computed from the same memory as the
-    write, on a second thread while the write proceeds, so the file is never
-    read back and hashing costs no wall time. The caller owns fsync and the
-    atomic rename.
-    """
-    pieces, size = encoded.pieces, encoded.size
-    h = _digest.new() if digest is None else None
-    hashing = threading.Thread(target=_hash_all, args=(h, pieces), name="keepbest-hash") \
-        if h is not None and size >= _PARALLEL_HASH_BYTES else None
-    if h is not None and hashing is None:
-        _hash_all(h, pieces)
-    elif hashing is not None:
-        hashing.start()  # BLAKE3 releases the GIL, so it runs beside the writes
-    try:
-        with open(path, "wb", buffering=0) as f:
-            for piece in pieces:
-                for begin in range(0, piece.nbytes, _WRITE_BYTES):
-                    _write_all(f, piece[begin : begin + _WRITE_BYTES])
-    finally:
-        if hashing is not None:
-            hashing.join()
-    return size, str(h.hexdigest()) if h is not None else str(digest)
 
 
 def plan_shards(tensors: Mapping[str, np.ndarray], groups: Mapping[str, str] | None = None, *,
@@ -182,56 +150,51 @@ def shard_name(fname: str, index: int) -> str:
     return f"{stem}-{index:05d}.safetensors"
 
 
-def _hash_all(h: Any, pieces: list[memoryview]) -> None:
-    for piece in pieces:
-        h.update(piece)
+Where = Callable[[str], str]
 
 
-def _write_all(f: Any, view: memoryview) -> None:
-    while view.nbytes:
-        written = f.write(view)
-        view = view[written:]
+def decode_header(buf: Any, where: str = "<buffer>") -> tuple[dict[str, Any], dict[str, str], int]:
+    """Validated tensor entries, metadata and the byte offset where data starts, for the file in ``buf``.
 
-
-def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
-    """Validated tensor entries, metadata and the byte offset where data starts."""
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _corrupt(path, "the file is shorter than the 8-byte header length", f"size={file_size}")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES or 8 + length > file_size:
-            raise _corrupt(path, "the header length is larger than the file (truncated or damaged)",
-                           f"header_length={length} file_size={file_size}")
-        raw = f.read(length)
+    ``where`` names the file in errors. Only the header's bytes are read
+    (``buf`` may be a memory map of a large file).
+    """
+    view = memoryview(buf)
+    file_size = view.nbytes
+    if file_size < 8:
+        raise _corrupt(where, "the file is shorter than the 8-byte header length", f"size={file_size}")
+    (length,) = struct.unpack("<Q", view[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise _corrupt(where, "the header length is larger than the file (truncated or damaged)",
+                       f"header_length={length} file_size={file_size}")
+    raw = bytes(view[8 : 8 + length])
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: math.nan)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _corrupt(path, f"the header is not valid JSON ({e})", f"header={raw[:80]!r}") from None
+        raise _corrupt(where, f"the header is not valid JSON ({e})", f"header={raw[:80]!r}") from None
     if not isinstance(doc, dict):
-        raise _corrupt(path, "the header is not a JSON object", f"header={raw[:80]!r}")
+        raise _corrupt(where, "the header is not a JSON object", f"header={raw[:80]!r}")
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(path, "__metadata__ must map strings to strings", f"__metadata__={metadata!r:.80}")
+        raise _corrupt(where, "__metadata__ must map strings to strings", f"__metadata__={metadata!r:.80}")
     data_len = file_size - 8 - length
     spans = []
     for name, info in doc.items():
-        _check_entry(path, name, info, data_len)
+        _check_entry(where, name, info, data_len)
         spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
     spans.sort()
     end = 0
     for begin, stop, name in spans:
         if begin != end:
-            raise _corrupt(path, f"tensor '{name}' overlaps another or leaves a gap", f"data_offsets={[begin, stop]}")
+            raise _corrupt(where, f"tensor '{name}' overlaps another or leaves a gap", f"data_offsets={[begin, stop]}")
         end = stop
     if end != data_len:
-        raise _corrupt(path, "the tensors do not cover the data exactly (truncated or extra bytes)",
+        raise _corrupt(where, "the tensors do not cover the data exactly (truncated or extra bytes)",
                        f"data_bytes={data_len} described={end}")
     return doc, metadata, 8 + length
 
 
-def _check_entry(path: str | os.PathLike[str], name: str, info: Any, data_len: int) -> None:
+def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(path, f"tensor '{name}' needs exactly dtype, shape and data_offsets", f"{name}={info!r:.120}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -249,20 +212,41 @@ def _check_entry(path: str | os.PathLike[str], name: str, info: Any, data_len: i
                        f"shape={shape} dtype={dtype} data_offsets={offsets} data_bytes={data_len}")
 
 
-def read_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file (and of the shards it lists), as read-only arrays backed by mmap."""
-    entries, meta, start = read_header(path)
-    out = _map(path, entries, start)
-    for shard in _shards(path, meta):
-        s_entries, _meta, s_start = read_header(shard)
+def decode(buf: Any, where: str = "<buffer>") -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file held in ``buf`` (arrays view ``buf``; shards are not followed)."""
+    entries, _meta, start = decode_header(buf, where)
+    return _map(buf, entries, start)
+
+
+def load(open_buffer: Callable[[str], Any], rel: str, where: Where = str) -> dict[str, np.ndarray]:
+    """All tensors of file ``rel`` and of the shard files its metadata lists beside it.
+
+    ``open_buffer(rel)`` gives a file's bytes (a memory map from the store);
+    ``where(rel)`` names a file in errors. The arrays view those buffers.
+    """
+    buf = open_buffer(rel)
+    entries, meta, start = decode_header(buf, where(rel))
+    out = _map(buf, entries, start)
+    for shard in _shards(rel, meta, where):
+        try:
+            s_buf = open_buffer(shard)
+        except FileNotFoundError:
+            raise _corrupt(where(rel), f"shard file {posixpath.basename(shard)} is missing",
+                           f"{SHARDS_KEY}={meta[SHARDS_KEY]!r:.120}") from None
+        s_entries, _meta, s_start = decode_header(s_buf, where(shard))
         clash = sorted(set(s_entries) & set(out))
         if clash:
-            raise _corrupt(shard, f"tensor '{clash[0]}' is stored twice (shards overlap)", f"names={clash[:5]}")
-        out.update(_map(shard, s_entries, s_start))
+            raise _corrupt(where(shard), f"tensor '{clash[0]}' is stored twice (shards overlap)", f"names={clash[:5]}")
+        out.update(_map(s_buf, s_entries, s_start))
     return out
 
 
-def _shards(path: str | os.PathLike[str], meta: Mapping[str, str]) -> list[str]:
+def shards_of(metadata: Mapping[str, str], rel: str, where: Where = str) -> list[str]:
+    """The shard files (relative, like ``rel``) that the metadata of file ``rel`` lists."""
+    return _shards(rel, metadata, where)
+
+
+def _shards(rel: str, meta: Mapping[str, str], where: Where) -> list[str]:
     if SHARDS_KEY not in meta:
         return []
     try:
@@ -272,21 +256,13 @@ def _shards(path: str | os.PathLike[str], meta: Mapping[str, str]) -> list[str]:
     if not isinstance(names, list) or not all(
             isinstance(n, str) and n.endswith(".safetensors") and "/" not in n and "\\" not in n
             and n not in ("", ".", "..") for n in names):
-        raise _corrupt(path, f"'{SHARDS_KEY}' must list shard file names in the same folder",
+        raise _corrupt(where(rel), f"'{SHARDS_KEY}' must list shard file names in the same folder",
                        f"{SHARDS_KEY}={meta[SHARDS_KEY]!r:.120}")
-    folder = os.path.dirname(os.fspath(path))
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise _corrupt(path, f"shard file {missing[0]} is missing", f"shards={names}")
-    return [os.path.join(folder, n) for n in names]
+    folder = posixpath.dirname(rel)
+    return [posixpath.join(folder, n) for n in names]
 
 
-def _map(path: str | os.PathLike[str], entries: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
-    if not entries:
-        return {}
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+def _map(buf: Any, entries: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
     out = {}
     for name, info in entries.items():
         begin, stop = info["data_offsets"]
@@ -296,7 +272,7 @@ def _map(path: str | os.PathLike[str], entries: Mapping[str, Any], start: int) -
     return out
 
 
-def _corrupt(path: str | os.PathLike[str], why: str, received: str) -> CorruptCheckpointError:
+def _corrupt(path: str, why: str, received: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"Cannot read tensors from {path}: {why}. The file is damaged or not a safetensors "
         f"file; load another checkpoint. Received: {received}"

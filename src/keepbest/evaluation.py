@@ -1,7 +1,7 @@
 """What training and a sidecar evaluator tell each other through the checkpoint folder.
 
-Three kinds of small JSON files live under ``<dir>/.keepbest/``, each written
-atomically (temp sibling, fsync, rename):
+Three kinds of small records live in the checkpoint folder's store
+(``<dir>/.keepbest/`` on a local folder), each written atomically:
 
 - ``evaluators/<name>.json``: one evaluator's lease and progress. While its
   heartbeat is fresh (younger than its ``ttl``), training's retention keeps
@@ -20,14 +20,15 @@ manifest records, which changes whenever the name is saved again.
 
 Example:
     >>> import tempfile
+    >>> from keepbest import store
     >>> from keepbest.manifest import Manifest
-    >>> root = tempfile.mkdtemp()
+    >>> root = store.open(tempfile.mkdtemp())
     >>> m = Manifest(name="ckpt-1", layout="dir", format="tensors", series="ckpt-{epoch}", created=5.0)
     >>> state = EvaluatorState(name="eval", mode="every", heartbeat=100.0)
-    >>> write_state(root, state)
+    >>> _ = write_state(root, state)
     >>> sorted(held(root, [m], now=101.0))          # not evaluated yet: retention must keep it
     ['ckpt-1']
-    >>> state.evaluated.append(commit_id(m)); write_state(root, state)
+    >>> state.evaluated.append(commit_id(m)); _ = write_state(root, state)
     >>> sorted(held(root, [m], now=101.0))
     []
 """
@@ -36,17 +37,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from keepbest import _fs
 from keepbest.manifest import Manifest
-from keepbest.storage import INDEX_DIR, TMP_PREFIX
+from keepbest.store import ANY, Record, Store, liveness, owner_token
 
 EVALUATORS = "evaluators"
 EVALUATIONS = "evaluations"
@@ -59,36 +57,26 @@ def commit_id(manifest: Manifest) -> str:
     return f"{manifest.name}@{manifest.created!r}"
 
 
-def _index(root: str | os.PathLike[str], *parts: str) -> Path:
-    return Path(root, INDEX_DIR, *parts)
+def _write_json(store: Store, key: str, doc: Mapping[str, Any], expect: str | None = ANY) -> str:
+    return store.write_record(key, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"), expect=expect)
 
 
-def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _fs.write_durably(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None if it is gone; warns and returns None if it is damaged."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
+def _read_json(store: Store, record: Record | None) -> dict[str, Any] | None:
+    """The JSON object in ``record``; None if it is gone; warns and returns None if it is damaged."""
+    if record is None:
         return None
+    where = store.record_where(record.key)
+    try:
+        doc = json.loads(record.data)
     except ValueError as e:
-        warnings.warn(f"Ignoring {path}: it is not valid JSON ({e}). Delete it; the evaluator that wrote "
+        warnings.warn(f"Ignoring {where}: it is not valid JSON ({e}). Delete it; the evaluator that wrote "
                       "it rewrites it when it runs again.", UserWarning, stacklevel=3)
         return None
     if not isinstance(doc, dict):
-        warnings.warn(f"Ignoring {path}: expected a JSON object. Delete it. Received: {type(doc).__name__}",
+        warnings.warn(f"Ignoring {where}: expected a JSON object. Delete it. Received: {type(doc).__name__}",
                       UserWarning, stacklevel=3)
         return None
     return doc
-
-
-def _files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(TMP_PREFIX))
 
 
 # -- leases and progress ------------------------------------------------------------
@@ -126,17 +114,18 @@ class EvaluatorState:
         return cid in self.evaluated or cid in self.quarantined
 
 
-def state_path(root: str | os.PathLike[str], name: str) -> Path:
-    return _index(root, EVALUATORS, f"{name}.json")
+def state_key(store: Store, name: str) -> str:
+    return store.record_key(EVALUATORS, name)
 
 
-def write_state(root: str | os.PathLike[str], state: EvaluatorState) -> None:
+def write_state(store: Store, state: EvaluatorState, expect: str | None = ANY) -> str:
+    """Stores ``state``; with ``expect`` only if the stored one is still what was read (else RecordConflictError)."""
     doc = asdict(state)
     doc["watermark"] = None if state.watermark == float("-inf") else state.watermark
-    _write_json(state_path(root, state.name), doc)
+    return _write_json(store, state_key(store, state.name), doc, expect)
 
 
-def _state_from(doc: dict[str, Any], path: Path) -> EvaluatorState | None:
+def _state_from(doc: dict[str, Any], path: str) -> EvaluatorState | None:
     try:
         watermark = doc.get("watermark")
         state = EvaluatorState(
@@ -161,25 +150,27 @@ def _state_from(doc: dict[str, Any], path: Path) -> EvaluatorState | None:
     return state
 
 
-def read_state(root: str | os.PathLike[str], name: str) -> EvaluatorState | None:
-    path = state_path(root, name)
-    doc = _read_json(path)
-    return None if doc is None else _state_from(doc, path)
+def read_state(store: Store, name: str) -> tuple[EvaluatorState | None, str | None]:
+    """The stored state of evaluator ``name`` and its record's token (None, None when there is none)."""
+    record = store.read_record(state_key(store, name))
+    doc = _read_json(store, record)
+    state = None if doc is None else _state_from(doc, store.record_where(state_key(store, name)))
+    return state, None if record is None else record.token
 
 
-def read_states(root: str | os.PathLike[str]) -> list[EvaluatorState]:
+def read_states(store: Store) -> list[EvaluatorState]:
     found = []
-    for path in _files(_index(root, EVALUATORS)):
-        doc = _read_json(path)
-        state = None if doc is None else _state_from(doc, path)
+    for key in store.list_records(store.record_key(EVALUATORS)):
+        doc = _read_json(store, store.read_record(key))
+        state = None if doc is None else _state_from(doc, store.record_where(key))
         if state is not None:
             found.append(state)
     return found
 
 
-def held(root: str | os.PathLike[str], manifests: Iterable[Manifest], now: float) -> set[str]:
+def held(store: Store, manifests: Iterable[Manifest], now: float) -> set[str]:
     """Names among ``manifests`` that a live evaluator's lease keeps from retention."""
-    states = [s for s in read_states(root) if s.holds_lease(now)]
+    states = [s for s in read_states(store) if s.holds_lease(now)]
     if not states:
         return set()
     keep = set()
@@ -196,20 +187,20 @@ def this_host() -> str:
 
 
 def lease_owner() -> str:
-    return _fs.owner_token()
+    return owner_token()
 
 
 def owner_is_alive(state: EvaluatorState) -> bool:
-    """Whether the process that holds ``state``'s lease still runs (unknowable on another host: True)."""
-    return state.host != this_host() or _fs.owner_is_alive(state.owner or "0")
+    """Whether the process that holds ``state``'s lease may still run (another host or PID namespace: yes)."""
+    return liveness(state.owner) != "dead"
 
 
 # -- evaluation records -------------------------------------------------------------
-def write_record(root: str | os.PathLike[str], evaluator: str, manifest: Manifest, *,
+def write_record(store: Store, evaluator: str, manifest: Manifest, *,
                  metrics: Mapping[str, float] | None = None, quarantined: str | None = None,
                  seconds: float | None = None) -> None:
     """Records one evaluation (or a quarantine) beside the checkpoint it concerns."""
-    _write_json(_index(root, EVALUATIONS, evaluator, f"{manifest.name}.json"), {
+    _write_json(store, store.record_key(EVALUATIONS, evaluator, manifest.name), {
         "checkpoint": commit_id(manifest), "name": manifest.name, "evaluator": evaluator,
         "step": manifest.step, "epoch": manifest.epoch,
         "metrics": {k: _finite_or_text(float(v)) for k, v in (metrics or {}).items()},
@@ -221,60 +212,54 @@ def _finite_or_text(v: float) -> float | str:
     return v if v == v and abs(v) != float("inf") else str(v)
 
 
-def read_records(root: str | os.PathLike[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{commit id: {evaluator: record}}`` for every evaluation recorded in ``root``."""
+def _evaluations(store: Store, evaluator: str | None = None) -> list[tuple[str, dict[str, Any] | None]]:
+    """``(key, document)`` of every evaluation record (of one evaluator)."""
+    prefix = store.record_key(EVALUATIONS, evaluator) if evaluator else store.record_key(EVALUATIONS)
+    return [(key, _read_json(store, store.read_record(key))) for key in store.list_records(prefix)]
+
+
+def read_records(store: Store) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{commit id: {evaluator: record}}`` for every evaluation recorded in ``store``."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    base = _index(root, EVALUATIONS)
-    if not base.is_dir():
-        return out
-    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-        for path in _files(folder):
-            doc = _read_json(path)
-            if doc is not None and isinstance(doc.get("checkpoint"), str) and isinstance(doc.get("metrics"), dict):
-                out.setdefault(doc["checkpoint"], {})[folder.name] = doc
+    for _key, doc in _evaluations(store):
+        if doc is not None and isinstance(doc.get("checkpoint"), str) and isinstance(doc.get("metrics"), dict) \
+                and isinstance(doc.get("evaluator"), str):
+            out.setdefault(doc["checkpoint"], {})[doc["evaluator"]] = doc
     return out
 
 
-def prune_records(root: str | os.PathLike[str], live: Iterable[Manifest], evaluator: str | None = None) -> list[Path]:
-    """Removes records of checkpoints that are gone or were saved again; returns what was removed."""
-    live_ids = {m.name: commit_id(m) for m in live}
-    base = _index(root, EVALUATIONS)
-    folders = [base / evaluator] if evaluator else (sorted(p for p in base.iterdir() if p.is_dir())
-                                                    if base.is_dir() else [])
+def prune_records(store: Store, live: Iterable[Manifest], evaluator: str | None = None) -> list[str]:
+    """Removes records of checkpoints that are gone or were saved again; returns where they were."""
+    live_ids = {commit_id(m) for m in live}
     removed = []
-    for folder in folders:
-        for path in _files(folder):
-            doc = _read_json(path)
-            cid = None if doc is None else doc.get("checkpoint")
-            if live_ids.get(path.name[: -len(".json")]) != cid:
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    for key, doc in _evaluations(store, evaluator):
+        if doc is None or doc.get("checkpoint") not in live_ids:
+            where = store.record_where(key)
+            store.delete_record(key)
+            removed.append(where)
     return removed
 
 
 # -- end of training ----------------------------------------------------------------
-def _ended_path(root: str | os.PathLike[str], series: str) -> Path:
-    return _index(root, ENDED, hashlib.sha1(series.encode("utf-8")).hexdigest()[:16] + ".json")
+def _ended_key(store: Store, series: str) -> str:
+    return store.record_key(ENDED, hashlib.sha1(series.encode("utf-8")).hexdigest()[:16])
 
 
-def mark_training_end(root: str | os.PathLike[str], series: str) -> None:
+def mark_training_end(store: Store, series: str) -> None:
     """Tells evaluators that training of ``series`` has ended (its last save is committed)."""
-    _write_json(_ended_path(root, series), {"series": series, "time": time.time()})
+    _write_json(store, _ended_key(store, series), {"series": series, "time": time.time()})
 
 
-def clear_training_end(root: str | os.PathLike[str], series: str) -> None:
+def clear_training_end(store: Store, series: str) -> None:
     """Training of ``series`` (re)starts: evaluators must wait for its checkpoints again."""
-    path = _ended_path(root, series)
-    if path.exists():
-        path.unlink()
-        _fs.fsync_dir(path.parent)
+    store.delete_record(_ended_key(store, series))
 
 
-def ended_series(root: str | os.PathLike[str]) -> dict[str, float]:
+def ended_series(store: Store) -> dict[str, float]:
     """``{series: time}`` of every series whose training has ended."""
     out = {}
-    for path in _files(_index(root, ENDED)):
-        doc = _read_json(path)
+    for key in store.list_records(store.record_key(ENDED)):
+        doc = _read_json(store, store.read_record(key))
         if doc is not None and isinstance(doc.get("series"), str) and isinstance(doc.get("time"), (int, float)):
             out[doc["series"]] = float(doc["time"])
     return out

@@ -29,12 +29,11 @@ import threading
 import time
 from typing import Mapping, Sequence
 
-from keepbest import evaluation
+from keepbest import evaluation, store as stores
 from keepbest.checkpoint import Checkpoint
 from keepbest.evaluation import EvaluatorState, commit_id
 from keepbest.manifest import Manifest
-from keepbest.storage import INDEX_DIR, LocalStore
-from keepbest._watch import FolderWatch
+from keepbest.store import RecordConflictError
 
 
 class EvaluatorConflictError(RuntimeError):
@@ -67,7 +66,7 @@ class Follower:
             raise ValueError(f"name must be a plain file name (it names the evaluator's records). Received: name={name!r}")
         if not lease_ttl > 0:
             raise ValueError(f"lease_ttl must be a positive number of seconds. Received: lease_ttl={lease_ttl!r}")
-        self.store = LocalStore(directory)
+        self.store = stores.open(directory)
         self.name = name
         self.mode = mode
         self.series = None if series is None else list(series)
@@ -78,8 +77,7 @@ class Follower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        root = self.store.root
-        self._watch = FolderWatch([root, root / INDEX_DIR, root / INDEX_DIR / evaluation.ENDED], poll_interval)
+        self._watch = self.store.watch(poll_interval, records=(self.store.record_key(evaluation.ENDED),))
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "Follower":
@@ -91,22 +89,28 @@ class Follower:
 
     def open(self) -> None:
         """Takes the lease (continuing the progress recorded under this name) and starts heartbeats."""
-        now = time.time()
-        previous = evaluation.read_state(self.store.root, self.name)
-        if previous is not None and previous.owner != evaluation.lease_owner() and previous.holds_lease(now) \
-                and evaluation.owner_is_alive(previous):
-            raise EvaluatorConflictError(
-                f"Another evaluator named '{self.name}' follows {self.store.root} (process {previous.owner.split('.')[0]} "
-                f"on {previous.host}, heartbeat {now - previous.heartbeat:.0f} s ago). Stop it, or give this one "
-                f"another name=. Received: name={self.name!r}")
-        if previous is not None:
-            self.state.evaluated = previous.evaluated
-            self.state.quarantined = previous.quarantined
-            self.state.evaluations = previous.evaluations
-            self.state.watermark = previous.watermark
-        self.state.owner, self.state.host = evaluation.lease_owner(), evaluation.this_host()
-        self.state.active, self.state.evaluating = True, None
-        self._save_state()
+        while True:
+            now = time.time()
+            previous, token = evaluation.read_state(self.store, self.name)
+            if previous is not None and previous.owner != evaluation.lease_owner() and previous.holds_lease(now) \
+                    and evaluation.owner_is_alive(previous):
+                raise EvaluatorConflictError(
+                    f"Another evaluator named '{self.name}' follows {self.store.where()} (process "
+                    f"{previous.owner.split('.')[-2] if previous.owner.count('.') == 3 else previous.owner} on "
+                    f"{previous.host}, heartbeat {now - previous.heartbeat:.0f} s ago). Stop it, or give this one "
+                    f"another name=. Received: name={self.name!r}")
+            if previous is not None:
+                self.state.evaluated = previous.evaluated
+                self.state.quarantined = previous.quarantined
+                self.state.evaluations = previous.evaluations
+                self.state.watermark = previous.watermark
+            self.state.owner, self.state.host = evaluation.lease_owner(), evaluation.this_host()
+            self.state.active, self.state.evaluating = True, None
+            try:  # compare-and-swap: two evaluators starting at once never both take the lease
+                self._save_state(expect=token)
+                break
+            except RecordConflictError:
+                continue
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="keepbest-lease", daemon=True)
         self._heartbeat.start()
@@ -133,20 +137,20 @@ class Follower:
             with self._lock:
                 self._save_state()
 
-    def _save_state(self) -> None:
+    def _save_state(self, expect: str | None = stores.ANY) -> None:
         """Writes the state with a fresh heartbeat; forgets ids of checkpoints that are gone."""
         live = {commit_id(m) for m in self._committed()}
         self.state.evaluated = [c for c in self.state.evaluated if c in live]
         self.state.quarantined = {c: e for c, e in self.state.quarantined.items() if c in live}
         self.state.heartbeat = time.time()
-        evaluation.write_state(self.store.root, self.state)
+        evaluation.write_state(self.store, self.state, expect)
 
     # -- what is due ---------------------------------------------------------------------
     def _committed(self) -> list[Manifest]:
         listing = self.store.list()
-        for error in listing.errors:  # a damaged manifest: never handed out, but said once
-            if str(error) not in self.unreadable:
-                self.unreadable.append(str(error))
+        for damaged in listing.damaged:  # never handed out, but said once
+            if damaged.reason not in self.unreadable:
+                self.unreadable.append(damaged.reason)
         manifests = [m for m in listing.manifests if self.state.follows(m)]
         return sorted(manifests, key=lambda m: (m.created, m.name))
 
@@ -158,7 +162,7 @@ class Follower:
         return due
 
     def _training_ended(self, committed: list[Manifest]) -> bool:
-        ended = evaluation.ended_series(self.store.root)
+        ended = evaluation.ended_series(self.store)
         if not ended:
             return False
         wanted = {m.series for m in committed} | set(self.series or ())
@@ -172,7 +176,7 @@ class Follower:
             due = self.pending()
             if due:
                 m = due[0] if self.mode == "every" else due[-1]
-                return Checkpoint(m, self.store.root / m.name)
+                return Checkpoint(m, self.store.where(m.name), store=self.store)
             if self._training_ended(self._committed()):
                 self.stop_reason = "training ended"
                 return None
@@ -182,6 +186,14 @@ class Follower:
                 return None
             left = 1.0 if idle_timeout is None else min(1.0, idle_timeout - waited)
             self._watch.wait(max(left, 0.0))
+
+    def verify(self, ckpt: Checkpoint) -> None:
+        """Re-hashes ``ckpt``'s files (raises as :meth:`keepbest.store.Store.verify` does)."""
+        self.store.verify(ckpt.manifest)
+
+    def replacing(self, ckpt: Checkpoint) -> bool:
+        """Whether a live writer is half-way through saving ``ckpt``'s name again (a mismatch is not damage)."""
+        return self.store.replacing(ckpt.name)
 
     def still_committed(self, ckpt: Checkpoint) -> bool:
         """Whether ``ckpt`` is still the committed version under its name."""
@@ -197,19 +209,19 @@ class Follower:
 
     def done(self, ckpt: Checkpoint, metrics: Mapping[str, float], seconds: float | None = None) -> None:
         """Records an evaluation beside the checkpoint and in the progress; unpins it."""
-        evaluation.write_record(self.store.root, self.name, ckpt.manifest, metrics=metrics, seconds=seconds)
+        evaluation.write_record(self.store, self.name, ckpt.manifest, metrics=metrics, seconds=seconds)
         with self._lock:
             self.state.evaluated.append(commit_id(ckpt.manifest))
             self.state.evaluations += 1
             self.state.watermark = max(self.state.watermark, ckpt.manifest.created)
             self.state.evaluating = None
             self._save_state()
-        evaluation.prune_records(self.store.root, self.store.list().manifests, self.name)
+        evaluation.prune_records(self.store, self.store.list().manifests, self.name)
 
     def quarantine(self, ckpt: Checkpoint, error: BaseException) -> None:
         """Records that ``ckpt`` cannot be read, so it is never tried again; unpins it."""
         reason = f"{type(error).__name__}: {error}"
-        evaluation.write_record(self.store.root, self.name, ckpt.manifest, quarantined=reason)
+        evaluation.write_record(self.store, self.name, ckpt.manifest, quarantined=reason)
         with self._lock:
             self.state.quarantined[commit_id(ckpt.manifest)] = reason
             self.state.evaluating = None

@@ -6,6 +6,7 @@ import time
 from typing import Any, Sequence
 
 from keepbest.checkpoint import Checkpoint
+from keepbest.store import Damaged
 
 
 def human_size(n: int) -> str:
@@ -35,13 +36,14 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def table(checkpoints: Sequence[Checkpoint]) -> str:
+def table(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = ()) -> str:
     """A fixed-width table: one row per checkpoint, oldest first, ``*`` on the best, then version and aliases.
 
-    Metrics a sidecar evaluator recorded appear as ``<evaluator>:<metric>`` columns.
+    Metrics a sidecar evaluator recorded appear as ``<evaluator>:<metric>`` columns. Checkpoints that
+    cannot be used (``damaged``) follow, one line each with the reason.
     """
     if not checkpoints:
-        return "(no committed checkpoints)"
+        return "\n".join(["(no committed checkpoints)", *_damaged_lines(damaged)])
     metrics = sorted({k for c in checkpoints for k in c.metrics}, key=_metric_order)
     evaluated = sorted({(who, k) for c in checkpoints for who, rec in c.evaluations.items() for k in rec["metrics"]},
                        key=lambda wk: (wk[0], _metric_order(wk[1])))
@@ -72,16 +74,21 @@ def table(checkpoints: Sequence[Checkpoint]) -> str:
     for r in rows:
         cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + _damaged_lines(damaged))
 
 
-def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
-    out = []
+def _damaged_lines(damaged: Sequence[Damaged]) -> list[str]:
+    return [f"{d.name}  DAMAGED: {d.reason}" for d in damaged]
+
+
+def as_json(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = ()) -> list[dict[str, Any]]:
+    """One object per checkpoint (as :func:`table`); a damaged one is ``{"name", "damaged": reason}``."""
+    out: list[dict[str, Any]] = []
     for c in checkpoints:
         m = c.manifest
         out.append({
             "name": c.name,
-            "path": str(c.path),
+            "path": c.location,
             "series": m.series,
             "format": m.format,
             "epoch": m.epoch,
@@ -99,4 +106,5 @@ def as_json(checkpoints: Sequence[Checkpoint]) -> list[dict[str, Any]]:
                                   "seconds": rec.get("seconds"), "evaluated_at": rec.get("evaluated_at")}
                             for who, rec in c.evaluations.items()},
         })
+    out += [{"name": d.name, "damaged": d.reason} for d in damaged]
     return out

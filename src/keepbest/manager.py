@@ -1,4 +1,5 @@
-"""The framework-free checkpoint manager.
+"""The framework-free checkpoint manager: the store, the policy, the writer, the series index and the
+publishers, wired together.
 
 Example:
     >>> import numpy as np, tempfile
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -23,16 +25,21 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbest import __version__, aliases, codec, evaluation
-from keepbest.checkpoint import Checkpoint, Payload, TensorPayload, best_by, first_verified
+from keepbest import codec, evaluation, history, store as stores
+from keepbest._version import __version__
+from keepbest.checkpoint import Checkpoint, best_by, bests, in_commit_order
+from keepbest.discovery import first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
-from keepbest.manifest import FileEntry, Manifest, MonitorRecord, is_safe_relative_path
-from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, retained
+from keepbest.manifest import FileEntry, Manifest, MonitorRecord
+from keepbest.payload import Payload, TensorPayload
+from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, describe, doomed
 from keepbest.publishing import Publisher, PublishQueue, Version, events_for
-from keepbest.storage import INDEX_DIR, LocalStore
+from keepbest.series import AliasRecord, SeriesIndex
+from keepbest.store import Damaged, Staged
 from keepbest.writer import AsyncWriter, SaveHandle
 
 STATE_FILE = "state.safetensors"
+log = logging.getLogger("keepbest")
 
 
 def _check_readable(manifest: Manifest) -> None:
@@ -53,7 +60,10 @@ class CheckpointManager:
     """Saves, lists, loads and prunes the checkpoints of one series in one directory.
 
     Args:
-        directory: where checkpoints live (created on the first save).
+        directory: where checkpoints live (created on the first save): a
+            local path, ``~/...`` or ``file://`` URL. A URL that no storage
+            backend serves (``s3://`` without ``keepbest[s3]``) raises
+            :class:`~keepbest.errors.StorageError` here, before anything is written.
         monitor: the metric that defines "best"; without it there is no best.
         keep: retention rules (``KeepLast``, ``KeepBest``), combined as a union.
             Without rules nothing is deleted. The newest and the best are
@@ -69,18 +79,20 @@ class CheckpointManager:
             :class:`~keepbest.publishing.PublishQueue` shared with other
             managers. Uploads run on their own thread; :meth:`close` waits
             for them and raises what failed.
-        dedup: hard-link the files of a folder checkpoint whose bytes did not
+        dedup: reuse the files of a folder checkpoint whose bytes did not
             change since the previous checkpoint of the series, instead of
             writing them again (a frozen backbone costs nothing).
 
     Every commit is a version of the series (v0, v1, ...) with aliases
     ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)
-    hold their version against retention. See :mod:`keepbest.aliases`.
+    hold their version against retention. See :mod:`keepbest.series`.
 
     The best value and retention state are not stored separately: they are
     recomputed from the committed manifests, so a new manager on an existing
     directory continues where the previous one stopped. Leftovers of a
-    crashed writer are cleaned up when the manager starts.
+    crashed writer are cleaned up when the manager starts. Retention never
+    deletes the best checkpoint by any monitor the series recorded, so two
+    writers with different monitors on one series never prune each other's best.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
@@ -91,21 +103,38 @@ class CheckpointManager:
         if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
             raise ValueError("KeepBest needs a monitor to rank checkpoints. Pass monitor=Monitor(name, mode). "
                              f"Received: keep={list(keep)!r}, monitor=None")
-        self.store = LocalStore(directory)
+        if not isinstance(dedup, bool):
+            raise TypeError(f"dedup must be True or False. Received: dedup={dedup!r}")
+        if not isinstance(series, str) or not series:
+            raise ValueError(f"series must be a non-empty string (it names the checkpoints this manager owns). "
+                             f"Received: series={series!r}")
+        self.store = stores.open(directory)
         self.monitor = monitor
         self.keep = tuple(keep)
         self.series = series
+        self.index = SeriesIndex(self.store, series)
         self.writer = writer or AsyncWriter()
         self.publisher: PublishQueue | None = publishers if isinstance(publishers, PublishQueue) else (
             PublishQueue(list(publishers)) if publishers else None)
-        if not isinstance(dedup, bool):
-            raise TypeError(f"dedup must be True or False. Received: dedup={dedup!r}")
         self.dedup = dedup
-        self.recovery = self.store.recover() if self.store.root.is_dir() else None
+        self.recovery = self.store.recover() if self.store.exists() else None
+        if self.recovery is not None and self.recovery.undecided:
+            log.warning("keepbest: left %d file(s) in %s whose writer may still run on another host or in another "
+                        "PID namespace: %s. Remove them by hand once no keepbest process writes there.",
+                        len(self.recovery.undecided), self.store.where(), ", ".join(self.recovery.undecided[:5]))
 
     @property
     def directory(self) -> Path:
-        return self.store.root
+        """The local folder of the checkpoints (see :attr:`url` for any store)."""
+        return Path(self.store.url)
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def exists(self) -> bool:
+        """Whether the folder exists (it is created by the first save)."""
+        return self.store.exists()
 
     # -- reading ----------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
@@ -115,18 +144,22 @@ class CheckpointManager:
     def _mine(self) -> list[Manifest]:
         return [m for m in self.store.list().manifests if m.series == self.series]
 
-    def _as_checkpoints(self, manifests: Sequence[Manifest], monitor: Monitor | None = None) -> list[Checkpoint]:
+    def _checkpoint(self, m: Manifest, is_best: bool = False, aliases: tuple[str, ...] = ()) -> Checkpoint:
+        return Checkpoint(m, self.store.where(m.name), is_best, aliases=aliases, store=self.store)
+
+    def _as_checkpoints(self, manifests: Sequence[Manifest], monitor: Monitor | None = None,
+                        record: AliasRecord | None = None) -> list[Checkpoint]:
         monitor = monitor or self.monitor
         best = best_by(manifests, monitor.name, monitor.mode) if monitor else None
-        record = aliases.current(self.store.root, self.series, manifests)
-        return [Checkpoint(m, self.store.root / m.name, best is not None and m.name == best.name,
-                           aliases=tuple(record.of(m.version)) if m.version is not None else ())
-                for m in sorted(manifests, key=lambda m: (m.created, m.name))]
+        record = record or self.index.current(manifests)
+        return [self._checkpoint(m, best is not None and m.name == best.name,
+                                 tuple(record.of(m.version)) if m.version is not None else ())
+                for m in in_commit_order(manifests)]
 
     @property
     def aliases(self) -> dict[str, int]:
         """Every alias of this series and the version it names (``{"latest": 7, "best": 4, ...}``)."""
-        return aliases.current(self.store.root, self.series, self._mine()).all
+        return self.index.current(self._mine()).all
 
     def promote(self, version: int | str, alias: str) -> Checkpoint:
         """Points the user alias ``alias`` at ``version`` (``3``, ``"v3"``, ``"best"`` or a name); returns it.
@@ -134,33 +167,16 @@ class CheckpointManager:
         The alias moves off any version that held it. While it points at a
         version, retention keeps that version.
         """
-        aliases.check_user_alias(alias)
         self.writer.wait()
-        with aliases.locked(self.store.root, self.series):
-            mine = self._mine()
-            record = aliases.current(self.store.root, self.series, mine)
-            target = aliases.resolve(record, mine, str(version))
-            assert target.version is not None
-            record = aliases.AliasRecord(self.series, record.next_version, record.automatic,
-                                         {**record.user, alias: target.version})
-            aliases.write(self.store.root, record)
-        if self.publisher is not None:
-            self.publisher.put(events_for(self.series, None, record.all, ()))
+        target = self.index.promote(self._mine(), str(version), alias)
+        self._publish(None, self.index.current(self._mine()), ())
         return next(c for c in self.checkpoints() if c.name == target.name)
 
     def demote(self, alias: str) -> None:
         """Removes the user alias ``alias``; its version is then subject to retention again."""
         self.writer.wait()
-        with aliases.locked(self.store.root, self.series):
-            record = aliases.current(self.store.root, self.series, self._mine())
-            if alias not in record.user:
-                raise KeyError(f"Series '{self.series}' in {self.directory} has no user alias '{alias}'. "
-                               f"User aliases: {', '.join(sorted(record.user)) or 'none'}.")
-            record = aliases.AliasRecord(self.series, record.next_version, record.automatic,
-                                         {a: v for a, v in record.user.items() if a != alias})
-            aliases.write(self.store.root, record)
-        if self.publisher is not None:
-            self.publisher.put(events_for(self.series, None, record.all, ()))
+        record = self.index.demote(self._mine(), alias)
+        self._publish(None, record, ())
 
     def _value(self, m: Manifest, monitor: Monitor | None = None) -> float | None:
         monitor = monitor or self.monitor
@@ -174,7 +190,7 @@ class CheckpointManager:
         Used on restart, before the caller has resolved an ``"auto"`` mode.
         """
         best = best_by(self._mine(), metric)
-        return None if best is None else Checkpoint(best, self.store.root / best.name, True)
+        return None if best is None else self._checkpoint(best, True)
 
     @property
     def latest(self) -> Checkpoint | None:
@@ -198,11 +214,23 @@ class CheckpointManager:
         if not ckpts:
             where = "at step %d " % step if step is not None else ""
             available = ", ".join(str(c.step) for c in self.checkpoints()) or "none"
+            damaged = [d for d in self.store.list().damaged if d.manifest is not None
+                       and d.manifest.series == self.series and (step is None or d.manifest.step == step)]
+            unusable = "".join(f" Not usable: {d.reason}" for d in damaged)
             raise CheckpointNotFoundError(
-                f"No checkpoint {where}in {self.directory} (series '{self.series}'). "
-                f"Save one first or pick an available step. Available: {available}."
+                f"No checkpoint {where}in {self.store.where()} (series '{self.series}'). "
+                f"Save one first or pick an available step. Available: {available}.{unusable}"
             )
         return ckpts[-1]
+
+    def verified(self, candidates: Sequence[Checkpoint], wanted: str,
+                 failures: Sequence[CorruptCheckpointError] = ()) -> Checkpoint:
+        """The first of ``candidates`` whose files verify (see :func:`keepbest.discovery.first_verified`)."""
+        return first_verified(self.store, candidates, wanted=wanted, failures=failures)
+
+    def damaged(self) -> list[Damaged]:
+        """This series' checkpoints whose data is missing or incomplete: never listed, loaded or pruned."""
+        return [d for d in self.store.list().damaged if d.manifest is not None and d.manifest.series == self.series]
 
     def load(self, step: int | None = None, *, fallback: bool = False) -> dict[str, np.ndarray]:
         """The tensors of the latest checkpoint (or of ``step``), verified against the manifest.
@@ -212,16 +240,17 @@ class CheckpointManager:
         """
         ckpt = self.get(step)
         others = [c for c in reversed(self.checkpoints()) if c.name != ckpt.name] if fallback else []
-        return self._tensors(first_verified(self.store, [ckpt, *others], wanted=str(ckpt.path)))
+        return self._tensors(self.verified([ckpt, *others], wanted=ckpt.location))
 
     def _tensors(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         if STATE_FILE not in {f.path for f in ckpt.manifest.files}:
             raise CheckpointNotFoundError(
-                f"Checkpoint {ckpt.path} holds no {STATE_FILE} (it is a '{ckpt.manifest.format}' "
+                f"Checkpoint {ckpt.location} holds no {STATE_FILE} (it is a '{ckpt.manifest.format}' "
                 f"checkpoint). Load it with the adapter that wrote it, e.g. keepbest.keras.load_model. "
                 f"Received: files={[f.path for f in ckpt.manifest.files]}"
             )
-        return codec.read_file(ckpt.path / STATE_FILE)
+        reader = ckpt.reader()
+        return codec.load(reader.buffer, STATE_FILE, reader.where)
 
     # -- writing ----------------------------------------------------------------
     def save(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *,
@@ -232,10 +261,10 @@ class CheckpointManager:
         """Commits one checkpoint atomically, then applies retention; returns it.
 
         ``state`` is a flat mapping of arrays (stored as ``state.safetensors``)
-        or a :class:`Payload` that writes its own files. A checkpoint with the
-        same ``name`` is replaced only once the new one is complete. This is
-        :meth:`save_async` waited for, without the snapshot copy (the caller
-        is blocked, so its arrays cannot change meanwhile).
+        or a :class:`~keepbest.payload.Payload` that writes its own files. A
+        checkpoint with the same ``name`` is replaced only once the new one is
+        complete. This is :meth:`save_async` waited for, without the snapshot
+        copy (the caller is blocked, so its arrays cannot change meanwhile).
         """
         return self._submit(step, state, snapshot=False, metrics=metrics, epoch=epoch, batch=batch,
                             name=name, extra=extra, versions=versions).result()
@@ -285,12 +314,7 @@ class CheckpointManager:
             raise ValueError("CheckpointManager.save needs a step or a name to name the checkpoint. "
                              "Received: step=None, name=None")
         name = name or f"{self.series}-{step:09d}"
-        if not is_safe_relative_path(name) or "/" in name or name.startswith((".keepbest", INDEX_DIR)):
-            raise ValueError(
-                f"Checkpoint name {name!r} is not a plain file or folder name, or is reserved by keepbest "
-                "(names starting with '.keepbest'). Pass a name without '/' or '..'. "
-                f"Received: name={name!r}"
-            )
+        self.store.check_name(name)
         layout = "dir" if isinstance(state, Mapping) else state.layout
         fmt = TensorPayload.format if isinstance(state, Mapping) else state.format
         manifest = Manifest(
@@ -307,7 +331,7 @@ class CheckpointManager:
             tensors = self.writer.staging.snapshot({STATE_FILE: state})[STATE_FILE] if snapshot else state
             state = TensorPayload({STATE_FILE: tensors}, detached=True)
         payload = state
-        written: tuple[Path, tuple[FileEntry, ...]] | None = None
+        written: tuple[Staged, tuple[FileEntry, ...]] | None = None
         if not payload.detached:  # it reads live state: write now, commit in the background
             written = self._write(name, self._deduplicated(payload, self._mine()))
         monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
@@ -316,46 +340,65 @@ class CheckpointManager:
             # The listing, the version number and the write run here, off the training thread.
             before = self._mine()
             staged, entries = written or self._write(name, self._deduplicated(payload, before))
-            replaced = [m for m in before if m.name == name]
-            version = aliases.next_version(aliases.read(self.store.root, self.series), before)
+            try:
+                version = self.index.reserve(before)
+            except BaseException:
+                self.store.discard(staged)
+                raise
             committed = self.store.commit(staged, replace(manifest, version=version).with_files(entries))
-            # One listing serves retention, aliases and the returned checkpoint; the new one is never
-            # pruned, even if the clock went back.
-            with aliases.locked(self.store.root, self.series):
-                mine = self._mine()
-                held = set(aliases.read(self.store.root, self.series).user.values())
-                kept = self._prune(mine, monitor, keep, protect={name} | {m.name for m in mine if m.version in held})
-                record = aliases.current(self.store.root, self.series, kept)
-                aliases.write(self.store.root, record)
+            replaced = [m for m in before if m.name == name and m.version != committed.version]
+            events = [history.deleted(m, "replaced by a new save under the same name") for m in replaced]
+            events.append(history.committed(committed))
+            kept, record, gone = self._apply_retention(self._mine(), monitor, keep, protect={name}, events=events)
+            history.append(self.store, self.series, events)
             if self.publisher is not None:
-                gone = [m for m in mine if m not in kept] + [m for m in replaced if m.version != committed.version]
-                snapshot = self.publisher.snapshot(self.store.root, committed)
-                published = Version(version, self.series, committed, snapshot, tuple(record.of(version)))
-                self.publisher.put(events_for(self.series, published, record.all, gone))
-            return next((c for c in self._as_checkpoints(kept, monitor) if c.name == name),
-                        Checkpoint(committed, self.store.root / name))
+                snap = self.store.snapshot(committed)
+                published = Version(version, self.series, committed, snap, tuple(record.of(version)))
+                self.publisher.put(events_for(self.series, published, record.all, [*gone, *replaced],
+                                              release=lambda: self.store.release(snap)))
+            return next((c for c in self._as_checkpoints(kept, monitor, record) if c.name == name),
+                        self._checkpoint(committed))
 
-        return self.writer.submit(str(self.store.root / name), persist)
+        return self.writer.submit(self.store.where(name), persist)
+
+    def _apply_retention(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
+                         protect: set[str], events: list[dict[str, Any]]
+                         ) -> tuple[list[Manifest], AliasRecord, list[Manifest]]:
+        """Deletes what the rules drop (retired in the series record first); returns what is kept, the
+        aliases now, and what was deleted."""
+        gone: list[Manifest] = []
+        if keep:
+            # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays; so does
+            # the best by every monitor recorded in the series (another writer's best).
+            protect = protect | bests(mine) | evaluation.held(self.store, mine, time.time())
+            cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
+            names = set(doomed(cands, keep, monitor.mode if monitor else None, protect))
+            dropping = [m for m in in_commit_order(mine) if m.name in names]
+            for m in self.index.retire(dropping) if dropping else []:
+                self.store.delete(m)
+                events.append(history.deleted(m, f"retention: {describe(keep)}"))
+                gone.append(m)
+        kept = [m for m in mine if m not in gone]
+        return kept, self.index.refresh(kept), gone
 
     def _deduplicated(self, payload: Payload, mine: Sequence[Manifest]) -> Payload:
-        """``payload`` with the newest folder checkpoint's files as the base its unchanged files link to."""
+        """``payload`` with the newest folder checkpoint as the base its unchanged files are reused from."""
         folders = [m for m in mine if m.layout == "dir"]
         if not (self.dedup and folders and isinstance(payload, TensorPayload) and payload.base is None):
             return payload
-        newest = max(folders, key=lambda m: (m.created, m.name))
-        return replace(payload, base={e.path: (self.store.root / newest.name / e.path, e) for e in newest.files})
+        return replace(payload, base=max(folders, key=lambda m: (m.created, m.name)))
 
     def mark_training_end(self) -> None:
         """Tells sidecar evaluators that this series is complete; waits for the save in flight first."""
         self.writer.wait()
-        evaluation.mark_training_end(self.store.root, self.series)
+        evaluation.mark_training_end(self.store, self.series)
 
     def clear_training_end(self) -> None:
         """Training of this series (re)starts: evaluators wait for its checkpoints again."""
-        evaluation.clear_training_end(self.store.root, self.series)
+        evaluation.clear_training_end(self.store, self.series)
 
-    def _write(self, name: str, payload: Payload) -> tuple[Path, tuple[FileEntry, ...]]:
-        staged = self.store.stage(name)
+    def _write(self, name: str, payload: Payload) -> tuple[Staged, tuple[FileEntry, ...]]:
+        staged = self.store.stage(name, payload.layout)
         try:
             return staged, payload.write(staged)
         except BaseException:
@@ -365,29 +408,24 @@ class CheckpointManager:
     def prune(self) -> list[str]:
         """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
         self.writer.wait()
-        with aliases.locked(self.store.root, self.series):
-            mine = self._mine()
-            held = set(aliases.read(self.store.root, self.series).user.values())
-            kept = self._prune(mine, self.monitor, self.keep, protect={m.name for m in mine if m.version in held})
-            record = aliases.current(self.store.root, self.series, kept)
-            aliases.write(self.store.root, record)
-        gone = [m for m in sorted(mine, key=lambda m: m.created) if m not in kept]
-        if self.publisher is not None:
-            self.publisher.put(events_for(self.series, None, record.all, gone))
+        events: list[dict[str, Any]] = []
+        _kept, record, gone = self._apply_retention(self._mine(), self.monitor, self.keep, set(), events)
+        history.append(self.store, self.series, events)
+        self._publish(None, record, gone)
         return [m.name for m in gone]
 
-    def _prune(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
-               protect: set[str] = frozenset()) -> list[Manifest]:  # type: ignore[assignment]
-        """Deletes, oldest first, what the rules drop from ``mine``; returns the rest.
-
-        ``protect`` names what stays whatever the rules say (the new checkpoint, user aliases).
-        """
-        if not keep:
-            return mine
-        cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
-        kept = retained(cands, keep, monitor.mode if monitor else None) | protect
-        # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays.
-        kept |= evaluation.held(self.store.root, [m for m in mine if m.name not in kept], time.time())
-        for m in sorted((m for m in mine if m.name not in kept), key=lambda m: m.created):
+    def delete_all(self) -> list[str]:
+        """Deletes every checkpoint of this series, its records and, if nothing else is left, the folder."""
+        self.writer.wait()
+        gone = in_commit_order(self._mine())
+        for m in gone:
             self.store.delete(m)
-        return [m for m in mine if m.name in kept]
+        self.index.forget()
+        history.forget(self.store, self.series)
+        self._publish(None, AliasRecord(self.series), gone)
+        self.store.remove_if_empty()
+        return [m.name for m in gone]
+
+    def _publish(self, version: Version | None, record: AliasRecord, gone: Sequence[Manifest]) -> None:
+        if self.publisher is not None:
+            self.publisher.put(events_for(self.series, version, record.all, gone))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from keepbest.aliases import is_automatic
+from keepbest.series import is_automatic
 from keepbest.publishing import Publisher, Version
 
 

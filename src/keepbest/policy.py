@@ -7,6 +7,8 @@ Example:
     >>> history = [Candidate(key=str(e), order=e, value=v) for e, v in enumerate([3, 1, 2, 4, 5], 1)]
     >>> sorted(retained(history, (KeepLast(2), KeepBest(1)), mode="min"))
     ['2', '4', '5']
+    >>> doomed(history, (KeepLast(2), KeepBest(1)), mode="min", protect={"1"})
+    ['3']
 """
 
 from __future__ import annotations
@@ -206,3 +208,22 @@ def retained(candidates: Sequence[Candidate], rules: Sequence[KeepRule], mode: s
             scored.sort(key=lambda c: (sign * float(c.value), -c.order))  # type: ignore[arg-type]
             keep.update(c.key for c in scored[: rule.k])
     return keep
+
+
+def doomed(candidates: Sequence[Candidate], rules: Sequence[KeepRule], mode: str | None,
+           protect: Iterable[str] = ()) -> list[str]:
+    """The keys retention deletes, oldest first: what no rule keeps and ``protect`` does not name.
+
+    ``protect`` is what stays whatever the rules say (a new checkpoint, an
+    aliased one, one an evaluator holds). Without rules nothing is deleted.
+    """
+    if not rules:
+        return []
+    kept = retained(candidates, rules, mode) | set(protect)
+    return [c.key for c in sorted(candidates, key=lambda c: c.order) if c.key not in kept]
+
+
+def describe(rules: Sequence[KeepRule]) -> str:
+    """``keep_last=2, keep_best=1``: the rules in the words of the Keras callback."""
+    words = {KeepLast: "keep_last", KeepBest: "keep_best"}
+    return ", ".join(f"{words[type(r)]}={r.n if isinstance(r, KeepLast) else r.k}" for r in rules)

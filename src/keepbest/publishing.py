@@ -15,9 +15,10 @@ is never touched by a failed upload. After a failed upload, that
 publisher's remote deletions are skipped (and listed in the error): the
 remote side never loses an old version while it lacks the new one.
 
-Uploads read a snapshot of the committed files made of hard links (under
-``.keepbest/uploads/``), so a checkpoint replaced or pruned locally while
-its upload waits is still uploaded whole.
+Uploads read a snapshot of the committed files that the store makes at
+commit time (hard links under ``.keepbest/uploads/`` on a local folder), so
+a checkpoint replaced or pruned locally while its upload waits is still
+uploaded whole; the queue releases it once every publisher had its turn.
 
 Example:
     >>> import numpy as np, tempfile
@@ -35,22 +36,17 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from keepbest import _fs
 from keepbest.errors import PublishError
 from keepbest.manifest import Manifest
-from keepbest.storage import INDEX_DIR, TMP_PREFIX
 
 log = logging.getLogger("keepbest")
-UPLOADS = "uploads"
 
 
 @dataclass(frozen=True)
@@ -97,6 +93,7 @@ class _Event:
     aliases: Mapping[str, int] | None = None
     number: int = -1
     name: str = ""
+    release: Callable[[], None] | None = None
 
 
 class PublishQueue:
@@ -125,21 +122,6 @@ class PublishQueue:
         self._closed = False
 
     # -- called by the manager (writer thread) ------------------------------------------
-    def snapshot(self, root: Path, manifest: Manifest) -> Path:
-        """Hard links of a just-committed checkpoint's files, for an upload that may run later."""
-        folder = root / INDEX_DIR / UPLOADS / f"{TMP_PREFIX}{_fs.owner_token()}-{os.urandom(4).hex()}"
-        base = root / manifest.name
-        dest = folder / manifest.name
-        folder.mkdir(parents=True)
-        if manifest.layout == "file":
-            _link_or_copy(base, dest)
-        else:
-            for entry in manifest.files:
-                (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(base / entry.path, dest / entry.path)
-            (dest / "manifest.json").write_bytes(manifest.to_json())
-        return dest
-
     def put(self, events: Sequence[_Event]) -> None:
         with self._lock:
             if self._closed:
@@ -180,7 +162,11 @@ class PublishQueue:
     def _run(self) -> None:
         while (event := self._events.get()) is not None:
             try:
-                self._handle(event)
+                try:
+                    self._handle(event)
+                finally:
+                    if event.release is not None:
+                        event.release()  # the snapshot this upload read
             except Exception as err:  # the thread must outlive any event, or wait() would never return
                 self._fail(f"{event.kind} event of {event.series}: {type(err).__name__}: {err}")
             finally:
@@ -206,8 +192,6 @@ class PublishQueue:
             else:
                 self._try(p, f"remote delete of {e.series} v{e.number} ({e.name})",
                           lambda: p.deleted(e.series, e.number, e.name))
-        if e.kind == "committed" and e.version is not None:
-            shutil.rmtree(e.version.path.parent, ignore_errors=False)
 
     def _try(self, publisher: Publisher, what: str, call: Callable[[], Any]) -> bool:
         delay = self.backoff
@@ -231,15 +215,13 @@ class PublishQueue:
             self._failures.append(message)
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    if not _fs.hard_link(source, dest):  # a filesystem without hard links: a copy is the same bytes
-        shutil.copy2(source, dest)
-
-
 def events_for(series: str, version: Version | None, aliases: Mapping[str, int],
-               deleted: Sequence[Manifest]) -> list[_Event]:
-    """What one commit tells publishers: committed, aliases, then deletions."""
-    out = [] if version is None else [_Event("committed", series, version=version)]
+               deleted: Sequence[Manifest], release: Callable[[], None] | None = None) -> list[_Event]:
+    """What one commit tells publishers: committed, aliases, then deletions.
+
+    ``release`` frees the snapshot ``version.path`` once it was published.
+    """
+    out = [] if version is None else [_Event("committed", series, version=version, release=release)]
     out.append(_Event("aliases", series, aliases=dict(aliases)))
     out += [_Event("deleted", series, number=m.version, name=m.name) for m in deleted if m.version is not None]
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from keepbest.aliases import is_automatic
+from keepbest.series import is_automatic
 from keepbest.publishing import Publisher, Version
 
 log = logging.getLogger("keepbest")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keepbest import CheckpointManager, KeepBest, KeepLast, Monitor
+from tests.helpers import flip_byte
 
 
 def keepbest(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,9 +57,7 @@ def test_verify_passes_on_intact_checkpoints(run_dir):
 
 def test_verify_exits_1_and_names_the_file_on_a_flipped_bit(run_dir):
     victim = run_dir / "ckpt-000000040" / "state.safetensors"
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 0x80
-    victim.write_bytes(bytes(data))
+    flip_byte(victim, mask=0x80)
     result = keepbest("verify", str(run_dir))
     assert result.returncode == 1
     assert f"CORRUPT ckpt-000000040: Checkpoint ckpt-000000040 is corrupt: file {victim}" in result.stdout
@@ -71,10 +70,8 @@ def test_verify_exits_1_on_an_unreadable_manifest(run_dir):
     assert "ckpt-000000050" in result.stdout and "not valid JSON" in result.stdout
 
 
-def test_gc_removes_leftovers_of_a_dead_writer(run_dir):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = run_dir / f".keepbest-tmp-{dead.pid}-0badf00d-ckpt-000000060"
+def test_gc_removes_leftovers_of_a_dead_writer(run_dir, dead_token):
+    leftover = run_dir / f".keepbest-tmp-{dead_token}-0badf00d-ckpt-000000060"
     leftover.mkdir()
     (leftover / "state.safetensors").write_bytes(b"half")
     assert f"would remove {leftover}" in keepbest("gc", "--dry-run", str(run_dir)).stdout
@@ -99,16 +96,17 @@ def test_missing_folder_is_an_error_not_an_empty_listing(tmp_path, command):
 
 
 def test_gc_removes_evaluation_records_of_deleted_checkpoints(run_dir):
-    from keepbest import evaluation
-    from keepbest.checkpoint import list_checkpoints
+    from keepbest import evaluation, store
+    from keepbest.discovery import list_checkpoints
 
+    folder = store.open(run_dir)
     kept = list_checkpoints(run_dir)[0]
-    evaluation.write_record(run_dir, "eval", kept.manifest, metrics={"loss": 1.0})
+    evaluation.write_record(folder, "eval", kept.manifest, metrics={"loss": 1.0})
     gone = kept.manifest.__class__(name="ckpt-000000010", layout="dir", format="tensors", series="ckpt", created=1.0)
-    evaluation.write_record(run_dir, "eval", gone, metrics={"loss": 2.0})
+    evaluation.write_record(folder, "eval", gone, metrics={"loss": 2.0})
     result = keepbest("gc", str(run_dir))
     assert "ckpt-000000010.json (evaluation of a checkpoint that is gone)" in result.stdout
-    assert list(evaluation.read_records(run_dir)) == [evaluation.commit_id(kept.manifest)]
+    assert list(evaluation.read_records(folder)) == [evaluation.commit_id(kept.manifest)]
 
 
 def test_sidecar_without_a_factory_spec_explains_the_format(run_dir):

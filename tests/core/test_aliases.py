@@ -9,9 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from keepbest import CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError, KeepBest, KeepLast, Monitor
-from keepbest import aliases
+from keepbest import CheckpointManager, CheckpointNotFoundError, KeepBest, KeepLast, Monitor
 from keepbest.cli import main
+
+
+def alias_file(root, series="ckpt"):
+    return root / ".keepbest" / "aliases" / f"{series}.json"
 
 
 def _manager(path, keep=(KeepLast(2), KeepBest(1))):
@@ -36,7 +39,7 @@ def test_latest_best_and_one_based_epoch_aliases_follow_the_commits(tmp_path):
         _save(mgr, epoch, loss)
     assert mgr.aliases == {"epoch_1": 0, "epoch_2": 1, "epoch_3": 2, "best": 1, "latest": 2}
     assert [c.aliases for c in mgr.checkpoints()] == [("epoch_1",), ("best", "epoch_2"), ("latest", "epoch_3")]
-    stored = json.loads(aliases.path(tmp_path, "ckpt").read_text())
+    stored = json.loads(alias_file(tmp_path).read_text())
     assert stored["automatic"] == mgr.aliases and stored["next_version"] == 3
 
 
@@ -82,19 +85,43 @@ def test_promote_of_an_unknown_version_names_the_available_ones(tmp_path):
 def test_aliases_are_recomputed_when_a_crash_left_them_behind_the_commits(tmp_path):
     mgr = _manager(tmp_path, keep=())
     _save(mgr, 1, 2.0)
-    stale = aliases.path(tmp_path, "ckpt").read_bytes()
+    stale = alias_file(tmp_path).read_bytes()
     _save(mgr, 2, 1.0)
-    aliases.path(tmp_path, "ckpt").write_bytes(stale)  # as if the process died between commit and alias update
+    alias_file(tmp_path).write_bytes(stale)  # as if the process died between commit and alias update
     assert _manager(tmp_path).aliases == {"epoch_1": 0, "epoch_2": 1, "best": 1, "latest": 1}
     assert _save(_manager(tmp_path, keep=()), 3, 3.0).version == 2
 
 
-def test_a_damaged_alias_file_raises_naming_it(tmp_path):
+def test_a_damaged_alias_file_is_reported_once_and_the_automatic_aliases_recomputed(tmp_path):
     mgr = _manager(tmp_path)
     _save(mgr, 1, 1.0)
-    aliases.path(tmp_path, "ckpt").write_text('{"format": "keepbest/aliases", "next_version": -4}')
-    with pytest.raises(CorruptCheckpointError, match=r"Cannot read the aliases of series 'ckpt' from .*ckpt\.json"):
-        mgr.aliases
+    alias_file(tmp_path).write_text('{"format": "keepbest/aliases", "next_version": -4}')
+    with pytest.warns(UserWarning, match=r"Cannot read the aliases of series 'ckpt' in .*recomputed") as seen:
+        assert mgr.aliases == {"epoch_1": 0, "best": 0, "latest": 0}
+        assert [c.aliases for c in keepbest_list(tmp_path)] == [("latest", "best", "epoch_1")]
+    assert len(seen) == 1  # once per process, not at every look
+
+
+def test_a_writer_keeps_a_damaged_alias_file_aside_and_retention_deletes_nothing_until_it_is_gone(tmp_path):
+    mgr = _manager(tmp_path, keep=[KeepLast(1)])
+    _save(mgr, 1, 1.0)
+    garbage = b"\x00garbage, not JSON"
+    alias_file(tmp_path).write_bytes(garbage)
+    with pytest.warns(UserWarning, match="deletes nothing"):
+        _save(mgr, 2, 0.5)
+        _save(mgr, 3, 0.4)
+    (aside,) = (tmp_path / ".keepbest" / "damaged" / "aliases").iterdir()
+    assert aside.read_bytes() == garbage  # the user aliases it may hold are kept for the user
+    assert [c.epoch for c in mgr.checkpoints()] == [1, 2, 3]  # user aliases unknown: nothing deleted
+    aside.unlink()
+    _save(mgr, 4, 0.3)
+    assert [c.epoch for c in mgr.checkpoints()] == [4]
+
+
+def keepbest_list(path):
+    import keepbest
+
+    return keepbest.list_checkpoints(path)
 
 
 def test_cli_promote_then_ls_shows_versions_and_aliases(tmp_path, capsys):

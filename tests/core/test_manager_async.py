@@ -13,7 +13,8 @@ from keepbest.errors import AsyncSaveError, CorruptCheckpointError
 from keepbest.checkpoint import Checkpoint
 from keepbest.manager import STATE_FILE, CheckpointManager
 from keepbest.policy import KeepLast
-from keepbest.storage import LocalStore
+from keepbest.store import LocalStore
+from tests.helpers import flip_byte
 
 
 class GatedStore(LocalStore):
@@ -26,13 +27,13 @@ class GatedStore(LocalStore):
         self.log = []
         self.saves = 0
 
-    def stage(self, name):
+    def stage(self, name, layout):
         self.gate.wait(10)
         self.saves += 1
         self.log.append(f"write {name}")
         if self.saves in self.fail_on:
             raise OSError(28, "No space left on device")
-        return super().stage(name)
+        return super().stage(name, layout)
 
     def commit(self, staged, manifest):
         out = super().commit(staged, manifest)
@@ -168,9 +169,7 @@ def test_managers_sharing_a_writer_have_one_save_in_flight(tmp_path):
 
 def _corrupt_latest(mgr):
     path = mgr.latest.path / STATE_FILE
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(path)
     return path
 
 

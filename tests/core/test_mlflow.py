@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,9 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from keepbest.mlflow_publisher import MlflowPublisher  # noqa: E402
+from tests.helpers import spawn  # noqa: E402
+from tests.keras.publisher_contract import (  # noqa: E402
+    KEEP_BEST, KEEP_LAST, SERIES, VAL_LOSSES, PublisherContract, Tracked)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -36,28 +38,25 @@ def server(tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1):
-                break
+                return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+            return False
+
+    with open(root / "server.log", "wb") as log:  # (the server writes to its own copy of the descriptor)
+        proc = spawn(cmd, ready=healthy, what="the mlflow server", stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                     start_new_session=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runners
     yield url, root / "artifacts"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
 
 
 @pytest.fixture
@@ -111,23 +110,35 @@ def test_versions_metrics_and_the_best_alias_reach_the_server(tmp_path, run):
                                                 np.float32), np.full(4, 2, np.float32))
 
 
-def test_retention_keeps_at_most_three_versions_locally_and_on_the_server(tmp_path, run, server):
-    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"), keep=[KeepLast(2), KeepBest(1)],
-                            publishers=[MlflowPublisher(registered_model_name="retention-best")])
-    losses = [1.0 - 0.04 * e if e != 6 else 0.1 for e in range(20)]  # epoch 7 stays the best
-    for epoch, loss in enumerate(losses, start=1):
-        _save(mgr, epoch, loss)
-    mgr.close()
-    assert [(c.epoch, c.version, c.aliases) for c in mgr.checkpoints()] == [
-        (7, 6, ("best", "epoch_7")), (19, 18, ("epoch_19",)), (20, 19, ("latest", "epoch_20"))]
-    client = MlflowClient()
-    assert _remote_versions(client, run.info.run_id) == ["v18", "v19", "v6"]
-    on_disk = sorted(p.name for p in server[1].rglob("v*") if p.parent.name == "checkpoints"
-                     and run.info.run_id in str(p))
-    assert on_disk == ["v18", "v19", "v6"]  # deleted on the server's disk, not only hidden
-    versions = client.search_model_versions("name='retention-best'")
-    assert [v.tags["keepbest.version"] for v in versions] == ["6"]  # earlier bests were registered, then deleted
-    assert client.get_model_version_by_alias("retention-best", "best").tags["keepbest.version"] == "6"
+class TestMlflowRetention(PublisherContract):
+    """The retention contract through CheckpointManager and MlflowPublisher, read back from the server."""
+
+    @pytest.fixture
+    def tracker(self, run, server):
+        return run, server[1]  # the run, and the folder where the server keeps artifacts
+
+    def run_schedule(self, folder, tracker):
+        mgr = CheckpointManager(folder, series=SERIES, monitor=Monitor("val_loss", "min"),
+                                keep=[KeepLast(KEEP_LAST), KeepBest(KEEP_BEST)],
+                                publishers=[MlflowPublisher(registered_model_name="retention-best")])
+        for epoch, loss in enumerate(VAL_LOSSES, start=1):
+            _save(mgr, epoch, loss)
+        mgr.close()
+
+    def read_back(self, tracker):
+        run, _ = tracker
+        client = MlflowClient()
+        held = sorted(int(v.removeprefix("v")) for v in _remote_versions(client, run.info.run_id))
+        return Tracked(held, int(client.get_model_version_by_alias("retention-best", "best").tags["keepbest.version"]))
+
+    def check_tracker(self, tracker, tracked, warnings):
+        run, artifacts = tracker
+        on_disk = sorted(int(p.name.removeprefix("v")) for p in artifacts.rglob("v*")
+                         if p.parent.name == "checkpoints" and run.info.run_id in str(p))
+        assert on_disk == tracked.held  # deleted on the server's disk, not only hidden
+        versions = MlflowClient().search_model_versions("name='retention-best'")
+        # earlier bests were registered, then deleted
+        assert [v.tags["keepbest.version"] for v in versions] == [str(tracked.best)]
 
 
 def test_a_user_alias_is_registered_and_follows_promote(tmp_path, run):

@@ -118,12 +118,12 @@ def test_publish_queue_refuses_what_is_not_a_publisher():
         PublishQueue(["wandb"])  # type: ignore[list-item]
 
 
-def test_an_upload_snapshot_left_by_a_killed_process_is_removed_by_recovery(tmp_path):
+def test_an_upload_snapshot_left_by_a_killed_process_is_removed_by_recovery(tmp_path, dead_token):
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"w": np.zeros(2)})
-    left = tmp_path / ".keepbest" / "uploads" / ".keepbest-tmp-999999999.1-0a0b0c0d" / "ckpt-000000001"
+    left = tmp_path / ".keepbest" / "uploads" / f".keepbest-tmp-{dead_token}-0a0b0c0d" / "ckpt-000000001"
     left.mkdir(parents=True)
     (left / "state.safetensors").write_bytes(b"linked bytes")
-    assert LocalStore(tmp_path).orphans() == [left.parent]
+    assert LocalStore(tmp_path).orphans().dead == [str(left.parent)]
     LocalStore(tmp_path).recover()
     assert not left.parent.exists() and len(mgr.checkpoints()) == 1

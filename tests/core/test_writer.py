@@ -42,18 +42,26 @@ def test_next_submit_waits_until_the_previous_save_finished(writer):
     gate, events = threading.Event(), []
 
     def slow():
-        gate.wait(5)
+        gate.wait(60)
         events.append("first done")
 
+    def submit_second():
+        events.append("second submitted")
+        writer.submit("second", lambda: events.append("second ran"))
+        events.append("second submit returned")
+
     writer.submit("first", slow)
-    second = threading.Thread(target=lambda: writer.submit("second", lambda: events.append("second ran")))
+    second = threading.Thread(target=submit_second)
     second.start()
-    time.sleep(0.2)
-    assert events == [] and second.is_alive()  # back-pressure: still waiting for the first
+    while "second submitted" not in events:
+        time.sleep(0.001)
+    time.sleep(0.2)  # time for a submit that did not wait to return (the order below holds either way)
     gate.set()
-    second.join(5)
+    second.join(60)
     writer.wait()
-    assert events == ["first done", "second ran"]
+    # back-pressure: the second submit returned only once the first save had finished
+    assert events.index("second submitted") < events.index("first done") < events.index("second submit returned")
+    assert events.index("first done") < events.index("second ran")
 
 
 def test_in_flight_is_the_unfinished_save(writer):
@@ -115,12 +123,18 @@ def test_check_raises_a_finished_failure(writer):
 
 
 def test_check_never_blocks_on_a_save_in_flight(writer):
-    gate = threading.Event()
-    writer.submit("slow", lambda: gate.wait(5))
-    start = time.perf_counter()
+    gate, events = threading.Event(), []
+
+    def slow():
+        gate.wait(60)  # until check has returned (or, were check to wait for it, for 60 s)
+        events.append("save finished")
+
+    writer.submit("slow", slow)
     writer.check()
-    assert time.perf_counter() - start < 0.5
+    events.append("check returned")
     gate.set()
+    writer.wait()
+    assert events == ["check returned", "save finished"]
 
 
 def test_closed_writer_starts_again_on_submit(writer):

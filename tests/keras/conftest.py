@@ -37,6 +37,52 @@ def weights_of(model: keras.Model) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.weights]
 
 
+def _copies(variables) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records what fit did, to compare with what a checkpoint holds or what another run did.
+
+    - ``begun``: the (0-based) epochs begun;
+    - ``by_epoch``: {epoch (1-based, as in checkpoint names): the weights at its end};
+    - ``step``: the optimizer step (iterations) at the latest batch end;
+    - ``losses``: {step: the loss Keras logged at that batch end (its running mean)};
+    - with ``per_step=True``, ``states``: {step: {"weights": ..., "optimizer": ...}}, copies of the
+      model's and the optimizer's variables (in ``model.weights`` and ``optimizer.variables``
+      order) at that batch end;
+    - ``ended``: whether ``on_train_end`` was reached.
+
+    What it records at an end hook is what the callbacks listed before it left.
+    """
+
+    def __init__(self, per_step: bool = False) -> None:
+        super().__init__()
+        self.per_step = per_step
+        self.begun: list[int] = []
+        self.by_epoch: dict[int, list[np.ndarray]] = {}
+        self.step = 0
+        self.losses: dict[int, float] = {}
+        self.states: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.ended = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.by_epoch[epoch + 1] = weights_of(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.losses[self.step] = float(logs["loss"])
+        if self.per_step:
+            self.states[self.step] = {"weights": _copies(self.model.weights),
+                                      "optimizer": _copies(self.model.optimizer.variables)}
+
+    def on_train_end(self, logs=None):
+        self.ended = True
+
+
 @contextlib.contextmanager
 def user_warnings(pattern: str) -> Iterator[list[str]]:
     """Collects the UserWarnings matching ``pattern``.

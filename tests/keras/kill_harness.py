@@ -30,9 +30,10 @@ import keras
 import numpy as np
 
 import keepbest.keras
-from keepbest.checkpoint import find_checkpoints
+from keepbest.discovery import list_checkpoints
 from keepbest.errors import KeepbestError
-from keepbest.storage import LocalStore
+from keepbest.store import LocalStore
+from tests.helpers import spawn
 
 CHILD = Path(__file__).with_name("kill_child.py")
 READY_TIMEOUT = 120.0
@@ -69,15 +70,9 @@ class Summary:
 def run_and_kill(filepath: Path, log: Path, base: int, delay: float) -> Trial:
     log.write_text("")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHILD.parent), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, str(CHILD), str(filepath), str(log), str(base)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while "ready" not in log.read_text():
-        if child.poll() is not None or time.monotonic() > deadline:
-            child.kill()
-            error = child.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-            raise RuntimeError(f"kill child did not start: {error}")
-        time.sleep(0.02)
+    child = spawn([sys.executable, str(CHILD), str(filepath), str(log), str(base)],
+                  ready=lambda: "ready" in log.read_text(), timeout=READY_TIMEOUT, what="the kill child", env=env,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -129,7 +124,8 @@ def _check(summary: Summary, chain: Path, filename: str, trial: Trial, committed
            model: keras.Model, where: str) -> None:
     store = LocalStore(chain)
     store.recover()  # what the next run does when it starts
-    left = store.orphans()
+    orphans = store.orphans()
+    left = orphans.dead + orphans.undecided
     if left:
         summary.orphans += len(left)
         summary.problems.append(f"orphans {left} ({where})")
@@ -137,7 +133,7 @@ def _check(summary: Summary, chain: Path, filename: str, trial: Trial, committed
         return  # killed before the first save completed: nothing to lose yet
     try:
         held = held_save(model, chain / filename)
-        (ckpt,) = find_checkpoints(chain / filename)[1]
+        (ckpt,) = list_checkpoints(chain / filename)
         store.verify(ckpt.manifest)
     except (KeepbestError, OSError, ValueError) as e:  # refused, not accepted: but the previous best is gone
         summary.lost += 1

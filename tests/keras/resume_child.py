@@ -11,7 +11,9 @@ running mean) and ``batch_id`` (a fingerprint of the sample indices in the
 batch, from a metric). ``--kill-at-step`` SIGKILLs the process right after
 that step. With ``--preemption`` the backup saves on SIGTERM; the process
 writes ``ready`` to LOG after its first step and, when fit returns, a ``done``
-line with the final step and a hash of the weights.
+line with the final step and a hash of the weights. Its first line, when fit
+begins, is ``{"start": S}``: the step the run starts from (the backup's step
+when BackupAndRestore restored one, else 0).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class StepLog(keras.callbacks.Callback):
         self.log, self.kill_at, self.slow = log, kill_at, slow
         self.last = None
         self.ready = False
+
+    def on_train_begin(self, logs=None):  # after BackupAndRestore's (listed first) has restored a backup
+        start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.log.write(json.dumps({"start": start}) + "\n")
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 import keepbest.keras
-from keepbest.checkpoint import list_checkpoints
+from keepbest.discovery import list_checkpoints
 from keepbest.evaluation import commit_id
 
 FILEPATH = "ckpt-{epoch:04d}"

@@ -11,67 +11,69 @@ import numpy as np
 import pytest
 
 import keepbest.keras
+from keepbest.store import _fs
 from keepbest import AsyncSaveError, codec
 from keepbest.keras import ModelCheckpoint
 from keepbest.keras._state import OPTIMIZER_FILE, WEIGHTS_FILE, unique_paths
 
-from .conftest import make_model, weights_of
+from .conftest import Recorder, make_model, weights_of
 
-
-class Recorder(keras.callbacks.Callback):
-    """Copies the whole state (weights and optimizer) at every batch end, keyed by optimizer step."""
-
-    def __init__(self):
-        super().__init__()
-        self.states = {}
-        self.step = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.states[self.step] = {
-            WEIGHTS_FILE: _copies(self.model.weights),
-            OPTIMIZER_FILE: _copies(self.model.optimizer.variables),
-        }
-
-
-def _copies(variables):
-    return {p: np.array(keras.ops.convert_to_numpy(v.value)) for p, v in zip(unique_paths(variables), variables)}
+GATE_TIMEOUT = 10.0  # how long a held write waits for training to move on (it takes a few ms)
 
 
 @pytest.fixture
 def slow_writes(monkeypatch):
-    """Makes each background write take 0.2 s (longer than two training steps, so the next save is
-    requested while one is in flight) and records the training step when it starts."""
+    """Records the training step at which each background write of a tensor file begins, and holds
+    each save's first one (the weights) until training has moved past that step or fit has ended:
+    the rest of the save is written while training goes on. A write that training waits for (a
+    save that is not in the background) is let go after GATE_TIMEOUT, with training where it was."""
     seen = []
-    real = codec.write_encoded
+    real = _fs.write_pieces
 
-    def write_file(path, encoded, digest=None):
-        seen.append(slow_writes.recorder.step)
-        time.sleep(0.2)
-        return real(path, encoded, digest)
+    def write_file(path, pieces, digest=None):
+        if path.name.endswith(".safetensors"):  # the tensor files, not the model config
+            recorder = slow_writes.recorder
+            began = recorder.step
+            seen.append(began)
+            deadline = time.monotonic() + GATE_TIMEOUT
+            while (path.name == WEIGHTS_FILE and recorder.step == began and not recorder.ended
+                   and time.monotonic() < deadline):
+                time.sleep(0.002)
+        return real(path, pieces, digest)
 
-    slow_writes.recorder = Recorder()
+    slow_writes.recorder = Recorder(per_step=True)
     slow_writes.seen = seen
-    monkeypatch.setattr(codec, "write_encoded", write_file)
+    monkeypatch.setattr(_fs, "write_pieces", write_file)
     return slow_writes
+
+
+def _by_path(variables, arrays):
+    return dict(zip(unique_paths(variables), arrays))
 
 
 def test_async_checkpoint_is_bit_identical_to_the_state_at_the_requested_step(tmp_path, digits, slow_writes):
     x, y = digits
     keras.utils.set_random_seed(3)
     cb = ModelCheckpoint(str(tmp_path / "e{epoch}-b{batch}"), save_freq=2, async_save=True)
-    make_model().fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb, slow_writes.recorder])
+    model = make_model()
+    # The recorder is listed first: it has recorded a step (and, at the end, fit's end) before the
+    # checkpoint requests a save there (or waits for the last one).
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[slow_writes.recorder, cb])
     folders = sorted(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert len(folders) == 9
     for folder in folders:
         step = json.loads((folder / "manifest.json").read_text())["step"]
-        for fname, expected in slow_writes.recorder.states[step].items():
-            saved = codec.read_file(folder / fname)
+        state = slow_writes.recorder.states[step]
+        expected_files = {WEIGHTS_FILE: _by_path(model.weights, state["weights"]),
+                          OPTIMIZER_FILE: _by_path(model.optimizer.variables, state["optimizer"])}
+        for fname, expected in expected_files.items():
+            saved = codec.load(lambda rel: (folder / rel).read_bytes(), fname)
             assert sorted(saved) == sorted(expected), folder
             for path, array in expected.items():
                 assert saved[path].dtype == array.dtype and saved[path].tobytes() == array.tobytes(), (folder, path)
-    # The writes overlapped training: each save's second file (0.2 s after its first) began steps
-    # after the save was requested, except the last save's, which fit waits for at its end.
+    # The writes overlapped training: each save's second file (held after its first until training
+    # moved on) began steps after the save was requested, except the last save's, which fit waits for
+    # at its end.
     requested = sorted(json.loads((f / "manifest.json").read_text())["step"] for f in folders)
     later = [seen > step for seen, step in zip(slow_writes.seen[1::2], requested)]
     assert sum(later) >= len(requested) - 1, (slow_writes.seen, requested)
@@ -96,15 +98,17 @@ class WaitForWriter(keras.callbacks.Callback):
 @pytest.fixture
 def failing_second_write(monkeypatch):
     calls = []
-    real = codec.write_encoded
+    real = _fs.write_pieces
 
-    def write_file(path, encoded, digest=None):
+    def write_file(path, pieces, digest=None):
+        if not path.name.endswith(".safetensors"):  # the tensor files, not the model config
+            return real(path, pieces, digest)
         calls.append(threading.current_thread().name)
         if len(calls) == 3:  # the second save: model.safetensors then optimizer.safetensors per save
             raise OSError(28, "No space left on device")
-        return real(path, encoded, digest)
+        return real(path, pieces, digest)
 
-    monkeypatch.setattr(codec, "write_encoded", write_file)
+    monkeypatch.setattr(_fs, "write_pieces", write_file)
     return calls
 
 
@@ -123,10 +127,10 @@ def test_background_write_failure_surfaces_in_fit_within_one_step(tmp_path, digi
 def test_failure_of_the_last_save_is_raised_when_fit_ends(tmp_path, digits, monkeypatch):
     x, y = digits
 
-    def write_file(path, encoded, digest=None):
+    def write_file(path, pieces, digest=None):
         raise OSError(13, "Permission denied")
 
-    monkeypatch.setattr(codec, "write_encoded", write_file)
+    monkeypatch.setattr(_fs, "write_pieces", write_file)
     cb = ModelCheckpoint(str(tmp_path / "ckpt"), async_save=True)
     with pytest.raises(AsyncSaveError, match=rf"{tmp_path}/ckpt failed: PermissionError: .*Permission denied"):
         make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb])

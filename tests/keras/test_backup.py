@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -23,10 +22,12 @@ import pytest
 from keepbest.errors import CorruptCheckpointError, StateMismatchError
 from keepbest.keras import BackupAndRestore, ModelCheckpoint
 from keepbest.manager import CheckpointManager
-from keepbest.storage import LocalStore
+from keepbest.store import LocalStore
 
-from .conftest import make_model, user_warnings, weights_of
-from .resume_harness import CHILD, final_weights, kill_then_resume, run_child
+from tests.helpers import flip_byte, spawn
+
+from .conftest import Recorder, make_model, user_warnings, weights_of
+from .resume_harness import CHILD, FINAL_STEP, final_weights, kill_then_resume, run_child
 from .resume_harness import done as _done
 from .resume_harness import steps as _steps
 
@@ -70,20 +71,21 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses_and_batch_order(t
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
     seed = int(os.environ.get("KEEPBEST_KILL_SEED", str(random.SystemRandom().randrange(10**6))))
-    reached, weights = kill_then_resume(tmp_path, random.Random(seed))  # a backup every 3 steps
-    print(f"killed after steps {reached} (seed {seed})")
-    assert weights == final_weights(uninterrupted), f"seed {seed}, killed after steps {reached}"
+    trial = kill_then_resume(tmp_path, random.Random(seed))  # a backup every 3 steps
+    print(f"killed after steps {trial.reached}, resumed at step {trial.resumed_at} (seed {seed})")
+    # Both kills landed while training ran (the harness also checks that neither run had exited), so the
+    # final run resumed from a backup, not from scratch.
+    assert all(step < FINAL_STEP for step in trial.reached), f"seed {seed}: a kill came after the last step"
+    assert 0 < trial.resumed_at <= trial.reached[-1], f"seed {seed}: the final run did not resume from a backup"
+    assert trial.weights == final_weights(uninterrupted), f"seed {seed}, killed after steps {trial.reached}"
 
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_commits_the_current_step_and_fit_returns_cleanly(tmp_path, uninterrupted):
     log = tmp_path / "log"
-    child = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "backup"), str(log), "--preemption",
-                              "--slow", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (log.exists() and 30 in _steps(log)):  # step 30 is batch 10 of epoch 2
-        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-3000:]
-        time.sleep(0.02)
+    child = spawn([sys.executable, str(CHILD), str(tmp_path / "backup"), str(log), "--preemption", "--slow", "0.05"],
+                  ready=lambda: 30 in _steps(log),  # step 30 is batch 10 of epoch 2
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-3000:]
@@ -176,9 +178,7 @@ def test_double_checkpoint_keeps_two_and_falls_back_when_the_newest_is_corrupt(t
     newest, previous = _backups(tmp_path / "b")[::-1]
     assert (newest.epoch, previous.epoch) == (3, 2)
     weights = newest.path / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(weights)
     with user_warnings("instead of") as warned:
         history = _fit(make_model_built(digits), digits, [BackupAndRestore(tmp_path / "b", double_checkpoint=True,
                                                                            verbose=0)])
@@ -345,18 +345,10 @@ def _losses_per_step(digits, callbacks, steps_per_execution):
                               keras.layers.Dropout(0.3), keras.layers.Dense(10)])
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=steps_per_execution)
-    seen = {}
-
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            seen[int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))] = float(logs["loss"])
-
+    recorder = Recorder()
     x, y = digits
-    try:
-        model.fit(x[:320], y[:320], batch_size=32, epochs=4, verbose=0, callbacks=[*callbacks, Record()])
-    except RuntimeError:
-        pass
-    return seen
+    model.fit(x[:320], y[:320], batch_size=32, epochs=4, verbose=0, callbacks=[*callbacks, recorder])
+    return recorder.losses
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 2])
@@ -364,8 +356,9 @@ def test_in_process_resume_inside_an_epoch_repeats_the_losses(tmp_path, digits, 
     if steps_per_execution > 1 and keras.backend.backend() == "torch":
         pytest.skip("Keras forbids steps_per_execution > 1 on torch")
     reference = _losses_per_step(digits, [], steps_per_execution)
-    _losses_per_step(digits, [BackupAndRestore(tmp_path / "b", save_freq=4, verbose=0),
-                              Interrupt(step=26)], steps_per_execution)  # backup at 24: epoch 3, batch 4
+    with pytest.raises(RuntimeError, match="Interrupting!"):
+        _losses_per_step(digits, [BackupAndRestore(tmp_path / "b", save_freq=4, verbose=0),
+                                  Interrupt(step=26)], steps_per_execution)  # backup at 24: epoch 3, batch 4
     resumed = _losses_per_step(digits, [BackupAndRestore(tmp_path / "b", save_freq=4, verbose=0)],
                                steps_per_execution)
     assert min(s for s in resumed if s > 24) == 24 + steps_per_execution

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 import keepbest.keras
 from keepbest.errors import CorruptCheckpointError
 from keepbest.keras import ModelCheckpoint
-from keepbest.keras._backup import _read_plan
+from keepbest.keras._backup import _read_plan as _read_plan_of
+from keepbest.manifest import Manifest
+from keepbest.store import LocalStore
 from keepbest.keras._resume import rng_state
 
 
@@ -41,6 +43,12 @@ def test_loading_a_model_whose_config_holds_code_raises_and_runs_nothing(tmp_pat
     with pytest.raises(ValueError, match="safe_mode"):
         keepbest.keras.load_model(tmp_path / filepath)
     assert not marker.exists()
+
+
+def _read_plan(path):
+    """Reads ``path`` (a training.json) as BackupAndRestore reads it from a committed backup."""
+    backup = Manifest(path.parent.name, "dir", "keepbest-keras-backup", series="backup")
+    return _read_plan_of(LocalStore(path.parent.parent).reader(backup))
 
 
 def _valid_plan() -> dict:

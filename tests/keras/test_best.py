@@ -139,9 +139,9 @@ def test_monitor_op_is_keras_comparison_once_known(tmp_path, model):
 def test_initial_value_threshold_must_be_beaten(tmp_path, model):
     cb = ModelCheckpoint(str(tmp_path / "m.keras"), save_best_only=True, initial_value_threshold=0.45)
     drive(cb, model, LOSSES)
-    from keepbest.checkpoint import find_checkpoints
+    from keepbest.discovery import list_checkpoints
 
-    _, ckpts = find_checkpoints(tmp_path)
+    ckpts = list_checkpoints(tmp_path)
     assert [c.epoch for c in ckpts] == [4]
 
 

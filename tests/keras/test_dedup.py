@@ -11,7 +11,7 @@ import keepbest.keras
 from keepbest import CheckpointManager, LocalStore
 from keepbest.keras import ModelCheckpoint
 
-from .conftest import weights_of
+from .conftest import Recorder, weights_of
 
 
 def _fine_tuning_model(optimizer="sgd"):
@@ -24,15 +24,6 @@ def _fine_tuning_model(optimizer="sgd"):
     backbone.trainable = False
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
-
-
-class Weights(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.by_epoch = {}
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.by_epoch[epoch + 1] = weights_of(self.model)
 
 
 def _written(new, previous):
@@ -49,7 +40,7 @@ def test_fine_tuning_with_90_percent_frozen_writes_at_most_15_percent_per_save(t
     assert frozen / sum(int(np.prod(v.shape)) for v in model.weights) > 0.9
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((256, 512)).astype("float32"), rng.integers(0, 56, 256)
-    recorder = Weights()
+    recorder = Recorder()
     model.fit(x, y, epochs=4, batch_size=64, verbose=0, callbacks=[
         recorder, ModelCheckpoint(str(tmp_path / "e{epoch}"), save_weights_only=True)])
     ckpts = CheckpointManager(tmp_path, series="e{epoch}").checkpoints()

@@ -34,34 +34,21 @@ import numpy as np
 import pytest
 
 import keepbest.keras
-from keepbest import cli, codec
+from keepbest.store import _fs
+from keepbest import cli
 from keepbest.errors import AsyncSaveError
 from keepbest.keras import BackupAndRestore, ModelCheckpoint
 from keepbest.keras._state import restore_variables
 from keepbest.manager import CheckpointManager
-from keepbest.storage import LocalStore
+from keepbest.store import LocalStore
 
-from .conftest import make_model, weights_of
+from .conftest import Recorder, make_model, weights_of
 
 FORMATS = ["best.keras", "best.weights.h5", "best.h5", "best_ckpt", "backup"]
 
 
 class InjectedFault(OSError):
     pass
-
-
-class Recorder(keras.callbacks.Callback):
-    """Records the weights at each epoch end (after the checkpoint callback saved them) and epochs begun."""
-
-    def __init__(self):
-        super().__init__()
-        self.begun, self.weights = [], []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.begun.append(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.weights.append(weights_of(self.model))
 
 
 class ArmAfterFirstSave(keras.callbacks.Callback):
@@ -90,7 +77,7 @@ def _checkpoints(kind: str, folder: Path):
 def _loaded_weights(kind: str, ckpt) -> list[np.ndarray]:
     model = make_model()
     if kind == "backup":
-        restore_variables(model.weights, ckpt.path / "model.safetensors", "model weights")
+        restore_variables(model.weights, ckpt.reader(), "model.safetensors", "model weights")
         return weights_of(model)
     model.optimizer.build(model.trainable_variables)
     keepbest.keras.load_weights(model, ckpt.path)
@@ -115,11 +102,23 @@ def _assert_nothing_lost(kind: str, folder: Path, recorder: Recorder) -> None:
     listed = _checkpoints(kind, folder)
     assert [c.epoch for c in listed] == [1], [c.name for c in listed]
     store.verify(listed[0].manifest)
-    for saved, loaded in zip(recorder.weights[0], _loaded_weights(kind, listed[0])):
+    for saved, loaded in zip(recorder.by_epoch[1], _loaded_weights(kind, listed[0])):
         np.testing.assert_array_equal(saved, loaded)
     assert [p.name for p in root.iterdir() if p.name.startswith(".keepbest-")] == []
-    assert store.orphans() == []
-    assert cli.main(["gc", "--dry-run", str(root)]) == 0
+    assert store.orphans().dead == [] and store.orphans().undecided == []
+    capsys = _capture_gc_dry_run(root)
+    assert capsys == "nothing to clean\n", capsys
+
+
+def _capture_gc_dry_run(root: Path) -> str:
+    """What ``keepbest gc --dry-run`` prints: a user's check that nothing was left behind."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["gc", "--dry-run", str(root)]) == 0
+    return out.getvalue()
 
 
 # -- the store failing at each step of a commit (a file commit writes an intent first) ----------
@@ -150,7 +149,7 @@ def test_exception_inside_the_framework_save_keeps_the_previous_checkpoint(tmp_p
 
     def arm():
         if kind in ("best_ckpt", "backup"):
-            monkeypatch.setattr(codec, "write_encoded", half_then_fail)
+            monkeypatch.setattr(_fs, "write_pieces", half_then_fail)
         else:
             monkeypatch.setattr(keras.Model, "save", lambda self, path, *a, **k: half_then_fail(path))
             monkeypatch.setattr(keras.Model, "save_weights", lambda self, path, *a, **k: half_then_fail(path))
@@ -183,21 +182,23 @@ def test_failure_in_the_middle_of_a_retention_delete_surfaces_and_keeps_the_new_
     (ckpt,) = CheckpointManager(tmp_path, series=kind).checkpoints()  # the old one is no longer listed
     assert ckpt.epoch == 2
     LocalStore(tmp_path).verify(ckpt.manifest)
-    for saved, loaded in zip(recorder.weights[1], _loaded_weights(kind, ckpt)):
+    for saved, loaded in zip(recorder.by_epoch[2], _loaded_weights(kind, ckpt)):
         np.testing.assert_array_equal(saved, loaded)
 
 
 def test_background_writer_failure_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
-    real = codec.write_encoded
+    real = _fs.write_pieces
     calls = []
 
-    def fail_in_background(path, encoded, digest=None):
+    def fail_in_background(path, pieces, digest=None):
+        if not path.name.endswith(".safetensors"):  # the tensor files, not the model config
+            return real(path, pieces, digest)
         calls.append(path)
         if len(calls) > 2:  # the second save (model.safetensors, optimizer.safetensors per save)
             raise InjectedFault(errno.EIO, "injected fault in the background writer")
-        return real(path, encoded, digest)
+        return real(path, pieces, digest)
 
-    monkeypatch.setattr(codec, "write_encoded", fail_in_background)
+    monkeypatch.setattr(_fs, "write_pieces", fail_in_background)
     error, recorder = _train_into_fault("best_ckpt", tmp_path, digits, lambda: None, async_save=True)
     assert isinstance(error, AsyncSaveError) and "background writer" in str(error)
     _assert_nothing_lost("best_ckpt", tmp_path, recorder)

@@ -11,6 +11,7 @@ import pytest
 import keepbest.keras
 from keepbest import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from keepbest.keras import ModelCheckpoint
+from tests.helpers import flip_byte
 
 from .conftest import make_model, weights_of
 
@@ -152,9 +153,7 @@ def test_load_detects_a_flipped_byte_and_names_the_file(tmp_path, digits, filepa
     _trained(tmp_path, digits, filepath)
     target = tmp_path / filepath
     victim = target / "model.safetensors" if target.is_dir() else target
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+    flip_byte(victim, offset=victim.stat().st_size // 2, mask=0x01)
     with pytest.raises(CorruptCheckpointError, match=rf"file {victim}"):
         keepbest.keras.load_model(target)
 

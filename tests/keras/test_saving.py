@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from keepbest.keras import ModelCheckpoint
-from keepbest.checkpoint import find_checkpoints
-from keepbest.storage import LocalStore
+from keepbest.discovery import list_checkpoints
+from keepbest.store import LocalStore
 
 from .conftest import drive, make_model, user_warnings, weights_of
 
@@ -21,7 +21,7 @@ def test_int_save_freq_with_save_best_only_works_on_batch_metrics(tmp_path, digi
     x, y = digits  # Keras 3.15 crashes here with "'NoneType' object is not callable"
     cb = ModelCheckpoint(str(tmp_path / "e{epoch}b{batch}.keras"), monitor="loss", save_best_only=True, save_freq=3)
     make_model().fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
-    _, ckpts = find_checkpoints(tmp_path)
+    ckpts = list_checkpoints(tmp_path)
     assert len(ckpts) >= 2
     losses = [c.metrics["loss"] for c in ckpts]
     assert losses == sorted(losses, reverse=True)  # each save improved on the previous
@@ -61,7 +61,7 @@ def test_placeholder_in_the_folder_part_creates_one_folder_per_epoch(tmp_path, m
 def test_keep_last_2_keep_best_1_over_val_loss_leaves_epochs_2_4_5(tmp_path, model, template):
     cb = ModelCheckpoint(str(tmp_path / template), keep_last=2, keep_best=1)
     drive(cb, model, [{"loss": 1.0, "val_loss": v} for v in (3, 1, 2, 4, 5)])
-    _, ckpts = find_checkpoints(tmp_path)
+    ckpts = list_checkpoints(tmp_path)
     assert sorted(c.epoch for c in ckpts) == [2, 4, 5]
     assert _names(tmp_path) == sorted(template.format(epoch=e) for e in (2, 4, 5))
     assert [c.epoch for c in ckpts if c.is_best] == [2]
@@ -84,7 +84,7 @@ def test_manifest_records_epoch_batch_step_metrics_and_versions(tmp_path, digits
     x, y = digits
     cb = ModelCheckpoint(str(tmp_path / "m.keras"))
     make_model().fit(x, y, validation_split=0.2, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
-    (ckpt,) = find_checkpoints(tmp_path)[1]
+    (ckpt,) = list_checkpoints(tmp_path)
     assert (ckpt.epoch, ckpt.manifest.batch, ckpt.step) == (2, None, 2 * 15)
     assert set(ckpt.metrics) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert ckpt.manifest.versions["keras_backend"] == keras.backend.backend()
@@ -117,7 +117,7 @@ def test_exception_inside_keras_save_keeps_the_previous_best(tmp_path, model):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".keepbest-tmp")] == []
     restored = keras.models.load_model(path, compile=False)  # never trained: no optimizer state
     assert all(np.array_equal(a, b) for a, b in zip(weights_of(restored), good))
-    LocalStore(tmp_path).verify(find_checkpoints(path)[1][0].manifest)
+    LocalStore(tmp_path).verify(list_checkpoints(path)[0].manifest)
 
 
 def test_load_weights_on_restart_restores_the_newest_checkpoint(tmp_path, model):
@@ -146,5 +146,5 @@ def test_restart_never_overwrites_the_best_with_a_worse_model_under_the_same_nam
 def test_fixed_filepath_is_overwritten_every_epoch_as_in_keras(tmp_path, model):
     cb = ModelCheckpoint(str(tmp_path / "last.keras"))
     drive(cb, model, [{"loss": 1.0, "val_loss": v} for v in (1, 2, 3)])
-    (ckpt,) = find_checkpoints(tmp_path / "last.keras")[1]
+    (ckpt,) = list_checkpoints(tmp_path / "last.keras")
     assert ckpt.epoch == 3

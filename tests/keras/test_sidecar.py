@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,13 +11,13 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 
 import keepbest.keras
-from keepbest.checkpoint import list_checkpoints
-from keepbest.evaluation import commit_id, ended_series, read_state
-from keepbest.storage import INDEX_DIR, LocalStore
+from keepbest.discovery import list_checkpoints
+from keepbest import evaluation, store
+from keepbest.store import INDEX as INDEX_DIR, LocalStore
+from tests.helpers import flip_byte, spawn, wait_until
 from tests.keras import sidecar_procs
 from tests.keras.sidecar_procs import FILEPATH, make_model, read_log, weights_digest
 
@@ -26,10 +25,15 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
-def _spawn(role: str, directory: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+# How soon after training ended the evaluator (no idle_timeout: it waits for training) exits at most:
+# generous for a loaded machine; it takes well under a second.
+EXIT_BOUND = 25.0
+
+
+def _spawn(role: str, directory: Path, log: Path, *args: str, ready=None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, str(HERE / "sidecar_procs.py"), role, str(directory), str(log), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return spawn([sys.executable, str(HERE / "sidecar_procs.py"), role, str(directory), str(log), *args],
+                 ready=ready, what=f"the {role} process", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> str:
@@ -44,7 +48,7 @@ def _events(log: Path, kind: str) -> list[dict]:
 
 
 def _ended_at(directory: Path) -> float:
-    ended = ended_series(directory)
+    ended = evaluation.ended_series(store.open(directory))
     assert FILEPATH in ended, f"no end-of-training marker for {FILEPATH}: {ended}"
     return ended[FILEPATH]
 
@@ -68,13 +72,13 @@ def test_every_mode_evaluates_each_checkpoint_and_retention_keeps_it_until_then(
     exit_event = _events(elog, "exit")[0]
     assert exit_event["reason"] == "training ended"
     after = exit_event["t"] - max(_ended_at(directory), evaluated[-1]["t"])
-    print(f"every: exit {after:.2f} s after the end marker and the last evaluation")
-    assert after < 5.0
+    print(f"every: exit {after:.2f} s after the end marker and the last evaluation (bound {EXIT_BOUND} s)")
+    assert 0 <= after < EXIT_BOUND  # it exits after both, and soon
     # The trainer kept what the evaluator had not reached (keep_last=2 would have left two).
     assert len(list_checkpoints(directory)) > 2
 
 
-def test_latest_mode_evaluates_the_final_checkpoint_and_exits_within_5s_of_the_end_marker(tmp_path):
+def test_latest_mode_evaluates_the_final_checkpoint_and_exits_soon_after_the_end_marker(tmp_path):
     directory, tlog, elog, _ = _run_pair(tmp_path, "--mode", "latest")
     commits = _events(tlog, "commit")
     evaluated = _events(elog, "evaluated")
@@ -83,8 +87,8 @@ def test_latest_mode_evaluates_the_final_checkpoint_and_exits_within_5s_of_the_e
     ids = [c["id"] for c in commits]
     assert [ids.index(e["id"]) for e in evaluated] == sorted(ids.index(e["id"]) for e in evaluated)
     after = _events(elog, "exit")[0]["t"] - _ended_at(directory)
-    print(f"latest: exit {after:.2f} s after the end marker")
-    assert after < 5.0
+    print(f"latest: exit {after:.2f} s after the end marker (bound {EXIT_BOUND} s)")
+    assert 0 <= after < EXIT_BOUND
 
 
 def test_export_is_labelled_with_the_evaluated_epoch_while_training_writes_newer_ones(tmp_path):
@@ -113,7 +117,7 @@ def test_restarted_evaluator_evaluates_nothing_twice(tmp_path):
     _finish(_spawn("evaluate", directory, elog2, "--eval-seconds", "0", "--mode", "every"))
     second = [e["id"] for e in _events(elog2, "evaluated")]
     assert first + second == [c["id"] for c in _events(tlog, "commit")]
-    assert read_state(directory, "eval").evaluations == 4  # type: ignore[union-attr]
+    assert evaluation.read_state(store.open(directory), "eval")[0].evaluations == 4  # type: ignore[union-attr]
 
 
 def _train_in_process(directory: Path, epochs: int) -> None:
@@ -127,15 +131,10 @@ def test_corrupt_checkpoint_is_quarantined_and_the_next_one_evaluated(tmp_path):
     directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
     trainer = _spawn("train", directory, tlog, "--epochs", "4", "--epoch-seconds", "0.5", "--keep-last", "10")
     evaluator = _spawn("evaluate", directory, elog, "--eval-seconds", "2")
-    deadline = time.monotonic() + 120
-    while not any(c["epoch"] == 2 for c in (_events(tlog, "commit") if tlog.exists() else [])):
-        assert time.monotonic() < deadline and trainer.poll() is None, "the trainer never saved epoch 2"
-        time.sleep(0.02)
+    wait_until(trainer, lambda: any(c["epoch"] == 2 for c in (_events(tlog, "commit") if tlog.exists() else [])),
+               what="the trainer never saved epoch 2")
     # Training's second checkpoint is damaged on disk before the evaluator (2 s per checkpoint) reaches it.
-    weights = directory / "ckpt-0002" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(directory / "ckpt-0002" / "model.safetensors", offset=-5)
     _finish(trainer)
     output = _finish(evaluator)
     commits = [c["id"] for c in _events(tlog, "commit")]
@@ -230,18 +229,19 @@ def test_damaged_manifest_is_reported_once_and_the_others_evaluated(tmp_path, ca
 def test_evaluator_killed_mid_evaluation_resumes_with_that_checkpoint_and_repeats_nothing(tmp_path):
     directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
     _finish(_spawn("train", directory, tlog, "--epochs", "3", "--epoch-seconds", "0", "--keep-last", "10"))
-    victim = _spawn("evaluate", directory, elog, "--eval-seconds", "3")
-    deadline = time.monotonic() + 120
-    while not _events(elog, "evaluated") if elog.exists() else True:
-        assert time.monotonic() < deadline and victim.poll() is None, "the evaluator never evaluated"
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the second evaluation
+
+    def second_evaluation_begun() -> bool:  # (each one lasts 3 s: the kill lands inside it)
+        evaluated = _events(elog, "evaluated") if elog.exists() else []
+        state = evaluation.read_state(store.open(directory), "eval")[0] if evaluated else None
+        return state is not None and state.evaluating not in (None, evaluated[0]["id"])
+
+    victim = _spawn("evaluate", directory, elog, "--eval-seconds", "3", ready=second_evaluation_begun)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     first = [e["id"] for e in _events(elog, "evaluated")]
     assert len(first) == 1
     # Its lease survives the kill (until lease_ttl): training's retention still keeps what it had not evaluated.
-    state = read_state(directory, "eval")
+    state = evaluation.read_state(store.open(directory), "eval")[0]
     assert state is not None and state.active and state.evaluating is not None
     elog2 = tmp_path / "eval2.log"
     _finish(_spawn("evaluate", directory, elog2, "--eval-seconds", "0"))
@@ -289,7 +289,10 @@ def test_evaluator_rejects_bad_arguments_at_construction(tmp_path, kwargs, match
 
 
 def test_export_accepts_save_freq_eval_and_rejects_batch_counts(tmp_path):
-    assert keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), save_freq="eval")
+    export = keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), save_freq="eval")
+    assert (export.save_freq, export.filepath, export.checkpoint_filepath) == (
+        "eval", str(tmp_path / "b"), str(tmp_path / "c"))
+    assert list(tmp_path.iterdir()) == []  # constructing it wrote nothing
     with pytest.raises(ValueError, match="save_freq must be 'eval'.*Received: save_freq=5"):
         keepbest.keras.SidecarEvaluatorModelExport(str(tmp_path / "b"), str(tmp_path / "c"), save_freq=5)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.abc
-import logging
 import os
 import sys
 import traceback
@@ -19,6 +18,7 @@ from keepbest import CheckpointManager
 from keepbest.keras import WandbModelCheckpoint
 
 from .conftest import drive, make_model
+from .publisher_contract import KEEP_BEST, KEEP_LAST, SERIES, VAL_LOSSES, PublisherContract, Tracked, kept
 
 wandb = pytest.importorskip("wandb")
 from .wandb_offline import artifacts  # noqa: E402  (needs wandb)
@@ -133,18 +133,31 @@ def test_fixed_filepath_logs_each_new_best_with_its_own_bytes(tmp_path, run):
     assert digests[1] != digests[0] and digests[2] == digests[1]
 
 
-def test_retention_keeps_at_most_three_versions_locally_and_reports_offline_deletions(tmp_path, run, caplog):
-    cb = WandbModelCheckpoint(str(tmp_path / "e{epoch:02d}"), keep_last=2, keep_best=1)
-    losses = [1.0 - 0.04 * e if e != 6 else 0.1 for e in range(20)]  # epoch 7 stays the best
-    with caplog.at_level(logging.WARNING, logger="keepbest"):
-        drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in losses])
-    mgr = CheckpointManager(tmp_path, series="e{epoch:02d}")
-    assert [(c.epoch, c.aliases) for c in mgr.checkpoints()] == [
-        (7, ("best", "epoch_7")), (19, ("epoch_19",)), (20, ("latest", "epoch_20"))]
-    logged = _finished(run)
-    assert len(logged) == 20  # offline, W&B records every upload and no deletion
-    assert [a["aliases"] for a in logged if "best" in a["aliases"]][-1] == {"latest", "best", "epoch_7"}
-    assert "W&B is offline" in caplog.text and "not deleted on W&B" in caplog.text
+class TestWandbOfflineRetention(PublisherContract):
+    """The retention contract through WandbModelCheckpoint, read back from the offline run's records."""
+
+    deletes = False  # offline, W&B records every upload and no deletion
+
+    @pytest.fixture
+    def tracker(self, run):
+        return run
+
+    def run_schedule(self, folder, tracker):
+        cb = WandbModelCheckpoint(str(folder / SERIES), keep_last=KEEP_LAST, keep_best=KEEP_BEST)
+        drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in VAL_LOSSES])
+
+    def read_back(self, tracker):
+        self.logged = _finished(tracker)
+        best = [a for a in self.logged if "best" in a["aliases"]][-1]  # the alias is on the last version given it
+        return Tracked(held=[a["metadata"]["keepbest_version"] for a in self.logged],
+                       best=best["metadata"]["keepbest_version"])
+
+    def check_tracker(self, tracker, tracked, warnings):
+        best_epoch = next(epoch for epoch, _, aliases in kept() if "best" in aliases)
+        # the best version was logged as the newest one then, with the automatic aliases it had
+        assert [a["aliases"] for a in self.logged if "best" in a["aliases"]][-1] == {
+            "latest", "best", f"epoch_{best_epoch}"}
+        assert "W&B is offline" in warnings and "not deleted on W&B" in warnings
 
 
 def test_requires_an_active_wandb_run(tmp_path, run):

@@ -6,19 +6,19 @@ import json
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 import keras
 import numpy as np
 
-from keepbest import _fs, aliases
-from keepbest.checkpoint import TensorPayload, first_verified
+from keepbest import rng
 from keepbest.errors import CorruptCheckpointError, StateMismatchError
 from keepbest.keras import _host, _resume, _state
 from keepbest.keras._callback import _is_number, _print_msg
 from keepbest.manager import CheckpointManager
+from keepbest.payload import TensorPayload
 from keepbest.policy import KeepLast, batches_advanced
+from keepbest.store import Reader
 
 TRAINING_FILE = "training.json"
 FORMAT = "keepbest-keras-backup"
@@ -88,7 +88,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._batches_since_save = 0
         self._rng_epoch_begin: dict[str, Any] | None = None
         self._plan: dict[str, Any] | None = None
-        self._restored_from: Path | None = None
+        self._restored_from: Reader | None = None
         self._signal: int | None = None
         self._stopped_by_signal = False
         self._previous: dict[int, Any] = {}
@@ -140,10 +140,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.model._initial_epoch = None  # a later fit() on this model starts where it is asked to
         if self._stopped_by_signal or not self.delete_checkpoint:
             return
-        for ckpt in self._manager.checkpoints():
-            self._manager.store.delete(ckpt.manifest)
-        aliases.forget(self.backup_dir, self._manager.series)
-        _remove_if_empty(Path(self.backup_dir))
+        self._manager.delete_all()  # and the folder, if nothing else is in it
 
     # -- saving -------------------------------------------------------------------------
     def _save(self, epoch: int, batch: int, logs: dict[str, Any] | None) -> None:
@@ -158,6 +155,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         training = {
             "epoch": epoch, "batch": batch,
             "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
+            "steps_per_epoch": _steps_per_epoch(self.params),
             "last_batch_seen": self._last_batch_seen, "batches_since_save": self._batches_since_save,
             "rng": _resume.rng_state(), "global_seed": _resume.global_seed_state(),
             "rng_epoch_begin": self._rng_epoch_begin if batch else None,
@@ -179,49 +177,64 @@ class BackupAndRestore(keras.callbacks.Callback):
     # -- restoring ------------------------------------------------------------------------
     def _restore(self) -> dict[str, Any] | None:
         ckpts = self._manager.checkpoints()
-        if not ckpts:
+        # A newer backup whose data is missing or truncated is never passed over in silence: it is an error
+        # (or, with an older intact one, a fallback with a warning), as a backup that does not verify is.
+        newest = ckpts[-1].manifest.created if ckpts else float("-inf")
+        damaged = [CorruptCheckpointError(d.reason) for d in self._manager.damaged()
+                   if d.manifest is not None and d.manifest.created > newest]
+        if not ckpts and not damaged:
             return None
+        if not ckpts:
+            raise damaged[-1]
         model = self.model
         if not model.built:
             raise ValueError(
                 "To use the BackupAndRestore callback, you model must be built before you call `fit()`. "
                 f"Model {model} is unbuilt. You can build it beforehand by calling it on a batch of data.")
-        ckpt = first_verified(self._manager.store, list(reversed(ckpts)), wanted=str(ckpts[-1].path))
-        files = {f.path for f in ckpt.manifest.files}
-        plan = _read_plan(ckpt.path / TRAINING_FILE)
+        ckpt = self._manager.verified(list(reversed(ckpts)), wanted=ckpts[-1].location, failures=damaged[::-1])
+        reader = ckpt.reader()
+        plan = _read_plan(reader)
         if plan["batch"] > 0 and plan["steps_per_execution"] != int(getattr(model, "steps_per_execution", 1) or 1):
             raise ValueError(
-                f"Cannot resume inside epoch {plan['epoch'] + 1} from {ckpt.path}: it was backed up with "
+                f"Cannot resume inside epoch {plan['epoch'] + 1} from {ckpt.location}: it was backed up with "
                 f"steps_per_execution={plan['steps_per_execution']}, this model has "
                 f"{model.steps_per_execution}. Compile with the same steps_per_execution. "
                 f"Received: steps_per_execution={model.steps_per_execution}")
-        report = self._assign(model, ckpt.path, files)
+        steps = _steps_per_epoch(self.params)
+        if plan["batch"] > 0 and None not in (plan["steps_per_epoch"], steps) and plan["steps_per_epoch"] != steps:
+            raise ValueError(
+                f"Cannot resume inside epoch {plan['epoch'] + 1} (after batch {plan['batch']}) from {ckpt.location}: "
+                f"it was backed up with {plan['steps_per_epoch']} batches per epoch, this fit has {steps} (another "
+                "batch_size or amount of data), so the batches already trained cannot be told apart. Use the "
+                f"batch_size and data of the interrupted run, or delete {self.backup_dir} to start afresh. "
+                f"Received: steps_per_epoch={steps}, backed up with {plan['steps_per_epoch']}")
+        report = self._assign(model, reader)
         model._initial_epoch = plan["epoch"]
         self._last_batch_seen, self._batches_since_save = plan["last_batch_seen"], plan["batches_since_save"]
-        self._restored_from = ckpt.path
+        self._restored_from = reader
         _resume.set_global_seed_state(plan["global_seed"])
         if plan["batch"] == 0:
             _resume.set_rng_state(plan["rng"])
         if self.verbose > 0:
             where = f"epoch {plan['epoch'] + 1}, batch {plan['batch']}" if plan["batch"] else \
                 f"the start of epoch {plan['epoch'] + 1}"
-            _print_msg(f"BackupAndRestore: restored the training state from {ckpt.path} (step "
+            _print_msg(f"BackupAndRestore: restored the training state from {ckpt.location} (step "
                        f"{ckpt.manifest.step}); training resumes at {where}.{report}")
         return plan
 
-    def _assign(self, model: keras.Model, path: Path, files: set[str]) -> str:
+    def _assign(self, model: keras.Model, reader: Reader) -> str:
         """Restores weights, optimizer state and seed generators; returns a report of a partial restore."""
         optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and not optimizer.built and _state.OPTIMIZER_FILE in files:
+        if optimizer is not None and not optimizer.built and reader.has(_state.OPTIMIZER_FILE):
             optimizer.build(model.trainable_variables)
         groups = [(list(model.weights), _state.WEIGHTS_FILE, "model weights"),
                   (_resume.seed_variables(model), _resume.SEEDS_FILE, "seed generator states")]
-        if optimizer is not None and _state.OPTIMIZER_FILE in files:
+        if optimizer is not None and reader.has(_state.OPTIMIZER_FILE):
             groups.append((list(optimizer.variables), _state.OPTIMIZER_FILE, "optimizer state"))
         if not self.partial_restore:
             for variables, fname, what in groups:
                 try:
-                    _state.restore_variables(variables, path / fname, what)
+                    _state.restore_variables(variables, reader, fname, what)
                 except StateMismatchError as e:
                     raise StateMismatchError(f"{e}. BackupAndRestore restores nothing then; pass "
                                              "partial_restore=True to restore the variables that match") from None
@@ -229,7 +242,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         skipped: list[str] = []
         restored = 0
         for variables, fname, what in groups:
-            done, left = _state.restore_matching(variables, path / fname)
+            done, left = _state.restore_matching(variables, reader, fname)
             restored += len(done)
             skipped += [f"{what}: {s}" for s in left]
         return (f" Partial restore: {restored} variables restored, {len(skipped)} left as they were"
@@ -240,17 +253,19 @@ class BackupAndRestore(keras.callbacks.Callback):
         assert self._restored_from is not None
         _resume.set_rng_state(plan["rng_epoch_begin"])  # the data pipeline draws this epoch's shuffle again
         self._rng_epoch_begin = plan["rng_epoch_begin"]
-        model, metrics_file = self.model, self._restored_from / _resume.METRICS_FILE
+        model, reader = self.model, self._restored_from
         compiled = getattr(model, "_compile_metrics", None)
         deferred = compiled is not None and not compiled.built  # TensorFlow builds them when it traces a step
 
         def restore_metrics(batch: Any) -> None:
             if deferred:  # build the compiled metrics from the first skipped batch, then restore them
                 model._symbolic_build(data_batch=batch)
-                _state.restore_variables(_resume.metric_variables(model), metrics_file, "metric accumulators")
+                _state.restore_variables(_resume.metric_variables(model), reader, _resume.METRICS_FILE,
+                                         "metric accumulators")
 
         if not deferred:  # now: JAX reads the variables into its state before the first step
-            _state.restore_variables(_resume.metric_variables(model), metrics_file, "metric accumulators")
+            _state.restore_variables(_resume.metric_variables(model), reader, _resume.METRICS_FILE,
+                                     "metric accumulators")
         _resume.skip_batches(model, plan["batch"] // plan["steps_per_execution"], plan["logs"],
                              at_backup_point=lambda: _resume.set_rng_state(plan["rng"]),
                              pending=frozenset(plan["pending"]), on_first_batch=restore_metrics)
@@ -296,62 +311,42 @@ class BackupAndRestore(keras.callbacks.Callback):
                        "again to resume from there.")
 
 
-def _ints(value: Any, n: int | None = None, low: int | None = None, high: int | None = None) -> bool:
-    return (isinstance(value, list) and (n is None or len(value) == n)
-            and all(isinstance(i, int) and not isinstance(i, bool) and (low is None or i >= low)
-                    and (high is None or i <= high) for i in value))
-
-
-def _int(value: Any, low: int = 0, high: int | None = None) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
-            and (high is None or value <= high))
-
-
-def _rng_ok(rng: Any) -> bool:
-    """The shape and ranges of what :func:`keepbest.keras._resume.rng_state` writes."""
-    word = 2**32 - 1
-    try:
-        version, internal, gauss = rng["python"]
-        np_state = rng["numpy"]
-        return (version == 3 and _ints(internal[:624], 624, 0, word) and _int(internal[624], 0, 624)
-                and (gauss is None or isinstance(gauss, float))
-                and np_state["kind"] == "MT19937" and _ints(np_state["keys"], 624, 0, word)
-                and _int(np_state["pos"], 0, 624) and _int(np_state["has_gauss"], 0, 1)
-                and isinstance(np_state["cached_gaussian"], (int, float))
-                and ("torch" not in rng or _ints(rng["torch"], None, 0, 255))
-                and ("torch_cuda" not in rng or all(_ints(s, None, 0, 255) for s in rng["torch_cuda"])))
-    except (TypeError, KeyError, ValueError, IndexError):
-        return False
+def _steps_per_epoch(params: dict[str, Any] | None) -> int | None:
+    steps = (params or {}).get("steps")
+    return steps if rng.integer(steps, 1) else None
 
 
 _PLAN_CHECKS: dict[str, Any] = {
-    "epoch": _int, "batch": _int, "steps_per_execution": lambda v: _int(v, 1),
-    "batches_since_save": _int, "last_batch_seen": lambda v: v is None or _int(v),
-    "rng": _rng_ok, "rng_epoch_begin": lambda v: v is None or _rng_ok(v),
-    "global_seed": lambda v: v is None or _ints(v, 2),
+    "epoch": rng.integer, "batch": rng.integer, "steps_per_execution": lambda v: rng.integer(v, 1),
+    "batches_since_save": rng.integer, "last_batch_seen": lambda v: v is None or rng.integer(v),
+    "rng": _resume.rng_state_is_valid, "rng_epoch_begin": lambda v: v is None or _resume.rng_state_is_valid(v),
+    "global_seed": lambda v: v is None or rng.ints(v, 2),
+    "steps_per_epoch": lambda v: v is None or rng.integer(v, 1),
     "logs": lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
     "callbacks": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
     "pending": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
 }
+_OPTIONAL = ("last_batch_seen", "rng_epoch_begin", "global_seed", "steps_per_epoch")  # absent: None
 
 
-def _read_plan(path: Path) -> dict[str, Any]:
+def _read_plan(reader: Reader) -> dict[str, Any]:
     """The training position and generator states of a backup, checked before anything uses them."""
+    plan: Any = None
     try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-        wrong = [k for k, ok in _PLAN_CHECKS.items() if not ok(plan.get(k))] if isinstance(plan, dict) else ["all"]
-        if not wrong:
-            for key in ("last_batch_seen", "rng_epoch_begin", "global_seed"):  # these may be absent: None
+        plan = json.loads(reader.read(TRAINING_FILE).decode("utf-8"))
+        if isinstance(plan, dict):
+            for key in _OPTIONAL:
                 plan.setdefault(key, None)
+        wrong = [k for k, ok in _PLAN_CHECKS.items() if not ok(plan.get(k))] if isinstance(plan, dict) else ["all"]
         if not wrong and plan["batch"] > 0 and plan["rng_epoch_begin"] is None:
             wrong = ["rng_epoch_begin"]
     except (OSError, ValueError) as e:
         wrong, plan = [f"unreadable ({e})"], None
     if wrong:
         raise CorruptCheckpointError(
-            f"Cannot resume from {path}: it is not a training state written by keepbest (bad or missing: "
-            f"{', '.join(wrong)}). Delete the backup folder to start afresh, or restore it from a copy. "
-            f"Received: {str(plan)[:200]}")
+            f"Cannot resume from {reader.where(TRAINING_FILE)}: it is not a training state written by keepbest "
+            f"(bad or missing: {', '.join(wrong)}). Delete the backup folder to start afresh, or restore it from "
+            f"a copy. Received: {str(plan)[:200]}")
     return plan  # type: ignore[no-any-return]
 
 
@@ -374,12 +369,3 @@ def _deliver(handler: Any, signum: int, frame: Any) -> None:
         return
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    index = folder / ".keepbest"
-    if index.is_dir() and not any(index.iterdir()):
-        index.rmdir()
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-        _fs.fsync_dir(folder.parent)

@@ -7,11 +7,13 @@ import numbers
 import os
 import string
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import keras
 import numpy as np
 
+from keepbest import store as stores
 from keepbest.errors import MonitorError
 from keepbest.keras import _formats, _resume
 from keepbest.keras._loading import load_weights
@@ -98,10 +100,32 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 "`initial_value_threshold` must be a number (the value the first saved model must beat) "
                 f"or None. Received: initial_value_threshold={initial_value_threshold!r}"
             )
+        if not isinstance(os.fspath(filepath), str) or not os.fspath(filepath):
+            raise ValueError("ModelCheckpoint needs a filepath to save to, e.g. 'ckpt/epoch{epoch:02d}.keras'. "
+                             f"Received: filepath={filepath!r}")
         # A trailing separator ("ckpt/") names the folder itself.
         self.filepath = os.fspath(filepath).rstrip("/" + os.sep) or os.fspath(filepath)
-        _check_template(self.filepath)
+        fields = _check_template(self.filepath)
+        if "batch" in fields and save_freq == "epoch":
+            raise ValueError(
+                "The filepath of ModelCheckpoint uses {batch}, but save_freq='epoch' saves at the end of each "
+                "epoch, where there is no batch. Pass save_freq=<number of batches>, or remove {batch}. "
+                f"Received: filepath={self.filepath}, save_freq='epoch'")
+        if (keep_last is not None or keep_best is not None) and _has_placeholders(_dirname(self.filepath)):
+            raise ValueError(
+                "keep_last/keep_best prune the checkpoints of one folder, but this filepath puts each checkpoint "
+                f"in a folder of its own ('{_dirname(self.filepath)}' has a placeholder), so nothing could ever "
+                "be pruned. Put the placeholder in the file name (e.g. 'runs/model-{epoch:02d}.keras'), or drop "
+                f"keep_last/keep_best. Received: filepath={self.filepath}")
+        literal = "".join(text for text, *_ in string.Formatter().parse(os.path.basename(self.filepath)))
+        if len(os.fsencode(literal)) > 255:
+            raise ValueError(f"The file name of ModelCheckpoint's filepath is {len(os.fsencode(literal))} bytes long "
+                             "before its placeholders are filled; file names hold at most 255. Shorten it. "
+                             f"Received: filepath={self.filepath}")
         self.format = _formats.format_for(self.filepath, save_weights_only)
+        # Where it saves, pinned now: a relative path must not follow an os.chdir() during fit, and a URL
+        # that no storage backend serves is an error before training starts.
+        self._anchor = _anchor(self.filepath)
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = save_best_only
@@ -131,16 +155,31 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = 0
         self._warned_absent = False
         self._seen: tuple[int, int] | None = None  # (epoch, batch) of the last batch end handled
+        _live.add(self)
 
     # -- Keras hooks --------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = None
+        self._check_single_writer()
         _resume.register(self.model, self)  # a keepbest BackupAndRestore records and restores our state
         root = self._static_root()
-        if root is not None and os.path.isdir(root or "."):
+        if root is not None and self._manager(root).exists():
             self._manager(root).clear_training_end()  # a sidecar evaluator waits for this run's checkpoints
         self._resume()
+
+    def _check_single_writer(self) -> None:
+        """Two ModelCheckpoints of one fit on one filepath would prune each other's checkpoints."""
+        for other in list(_live):
+            if other is not self and self.params is not None and other.params is self.params \
+                    and other._series_key() == self._series_key():
+                raise ValueError(
+                    f"Two ModelCheckpoint callbacks of this fit save to {self.filepath}: each would delete the "
+                    "other's checkpoints (their monitors and retention differ). Give each its own filepath (or "
+                    f"folder). Received: monitor={other.monitor!r} and monitor={self.monitor!r}")
+
+    def _series_key(self) -> str:
+        return self._target(self.filepath)
 
     def _resume(self) -> None:
         """Recovers the best so far from what is committed (and loads the latest, if asked)."""
@@ -157,9 +196,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
                            "one is saved.")
         latest = mgr.latest
         if self._load_on_restart and latest is not None:
-            load_weights(self.model, latest.path)
+            load_weights(self.model, latest.location)
             if self.verbose > 0:
-                _print_msg(f"ModelCheckpoint: loaded weights from {latest.path} (load_weights_on_restart).")
+                _print_msg(f"ModelCheckpoint: loaded weights from {latest.location} (load_weights_on_restart).")
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
@@ -192,7 +231,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         finally:
             self._poll()
         for mgr in self._managers.values():
-            if mgr.directory.is_dir():
+            if mgr.exists():
                 mgr.mark_training_end()  # a sidecar evaluator stops once it has evaluated what is there
         if self._publish is not None:
             self._publish.wait()  # every version is on the tracker before fit returns (and run.finish() follows)
@@ -290,15 +329,19 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     # -- saving ---------------------------------------------------------------------
     def _static_root(self) -> str | None:
-        """The folder of ``filepath`` when it holds no placeholder, else None."""
-        dirname = os.path.dirname(self.filepath)
-        return None if _has_placeholders(dirname) else dirname
+        """The folder of ``filepath`` (absolute) when it holds no placeholder, else None."""
+        dirname = _dirname(self.filepath)
+        return None if _has_placeholders(dirname) else _dirname(self._target(self.filepath))
+
+    def _target(self, filepath: str) -> str:
+        """Where ``filepath`` (filled or not) is saved: absolute, as of construction."""
+        return os.path.join(self._anchor, filepath) if self._anchor else filepath
 
     def _manager(self, root: str) -> CheckpointManager:
         if root not in self._managers:
             # Monitor and rules are attached at save time: an "auto" mode is resolved only once
             # the model's metrics exist.
-            self._managers[root] = CheckpointManager(root or ".", series=os.path.basename(self.filepath),
+            self._managers[root] = CheckpointManager(root, series=os.path.basename(self.filepath),
                                                      writer=self._writer, publishers=self._publish or ())
         return self._managers[root]
 
@@ -357,8 +400,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         logs = logs or {}
         filepath = self._get_file_path(epoch, batch, logs)
-        root, name = os.path.split(filepath)
-        mgr = self._manager(root)
+        target = self._target(filepath)
+        name = os.path.basename(target)
+        mgr = self._manager(_dirname(target))
         # Until the monitor is known (a name that first appears at epoch end), rank nothing.
         mgr.monitor = self._monitor
         mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if isinstance(r, KeepLast))
@@ -366,7 +410,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             return
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
-        if _formats.is_keras_file(self.format) and os.path.isdir(filepath):
+        if _formats.is_keras_file(self.format) and stores.open(target).exists():
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
                           f"is an existing directory: {filepath}")
         if self.async_save:
@@ -458,9 +502,29 @@ def _has_placeholders(template: str) -> bool:
     return any(field is not None for _, field, _, _ in string.Formatter().parse(template))
 
 
-def _check_template(filepath: str) -> None:
+def _dirname(path: str) -> str:
+    return os.path.dirname(path) or ("." if not stores.is_url(path) else path)
+
+
+def _anchor(filepath: str) -> str:
+    """The folder a relative local ``filepath`` is relative to (the current one, now); "" otherwise."""
+    if stores.is_url(filepath):
+        stores.open(filepath)  # raises now when no backend serves it
+        return ""
+    if os.path.isabs(os.path.expanduser(filepath)):
+        return ""
+    return stores.absolute(".")
+
+
+# Every ModelCheckpoint alive, to find two of one fit that save to the same filepath.
+_live: "weakref.WeakSet[ModelCheckpoint]" = weakref.WeakSet()
+
+
+def _check_template(filepath: str) -> set[str]:
+    """The template's field names; raises ValueError for a malformed template."""
     try:
-        list(string.Formatter().parse(filepath))
+        return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(filepath)
+                if field is not None}
     except ValueError as e:
         raise ValueError(
             f"The filepath of ModelCheckpoint is not a valid format template ({e}). Use "

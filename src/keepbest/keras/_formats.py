@@ -8,14 +8,14 @@
 - anything else: a keepbest checkpoint folder (safetensors weights and
   optimizer state, the model config as JSON, the manifest).
 
-Every format is written by its normal writer into a temporary sibling and
-committed by the store, so the previous file survives any failure.
+Every format is written by its normal writer into the local path of a staged
+entry of the store and committed by the store, so the previous file
+survives any failure.
 """
 
 from __future__ import annotations
 
 import errno
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +23,9 @@ import keras
 
 from keepbest.errors import StorageError
 from keepbest.keras import _host, _state
-from keepbest.checkpoint import TensorPayload
 from keepbest.manifest import FileEntry
-from keepbest.storage import TMP_PREFIX
+from keepbest.payload import TensorPayload
+from keepbest.store import Staged
 from keepbest.writer import Staging
 
 KERAS = "keras"
@@ -72,8 +72,9 @@ class KerasFilePayload:
     layout: str = "file"
     detached: bool = False  # Keras's writers read the live model: always written on the caller's thread
 
-    def write(self, target: Path) -> tuple[FileEntry, ...]:
-        _check_free_space(self.model, target)
+    def write(self, staged: Staged) -> tuple[FileEntry, ...]:
+        _check_free_space(self.model, staged)
+        target = staged.local_path()
         if self.format == KERAS or self.format == LEGACY_H5:
             self.model.save(target, overwrite=True)
         elif self.format == WEIGHTS_H5:
@@ -87,7 +88,7 @@ class KerasFilePayload:
 _OVERHEAD = 256 * 1024
 
 
-def _check_free_space(model: keras.Model, target: Path) -> None:
+def _check_free_space(model: keras.Model, staged: Staged) -> None:
     """Refuses a Keras file save that cannot fit, before HDF5 starts writing.
 
     On a full disk HDF5 fails inside its destructors (h5py reports errors it
@@ -95,23 +96,21 @@ def _check_free_space(model: keras.Model, target: Path) -> None:
     clear error beforehand is better, and the previous checkpoint is kept
     either way.
     """
+    free = staged.free_bytes()
+    if free is None:
+        return
     variables = list(model.weights)
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built:
         variables += list(optimizer.variables)
     need = sum(int(_host.numpy_dtype(v).itemsize) * int(_prod(v.shape)) for v in variables) + _OVERHEAD
-    free = shutil.disk_usage(target.parent).free
     if free < need:
+        where = staged.local_path().parent
         raise StorageError(
-            errno.ENOSPC, f"Cannot save checkpoint {_final_name(target)} in {target.parent}: "
+            errno.ENOSPC, f"Cannot save checkpoint {staged.name} in {where}: "
             f"{free} bytes are free on its filesystem and the file needs about {need}. Free some space "
             "or save elsewhere; the previous checkpoint is kept. "
-            f"Received: free={free}, needed={need}", str(target))
-
-
-def _final_name(staged: Path) -> str:
-    """``best.keras`` for the staged ``.keepbest-tmp-<writer>-<random>-best.keras``."""
-    return staged.name.removeprefix(TMP_PREFIX).split("-", 2)[-1]
+            f"Received: free={free}, needed={need}", str(where / staged.name))
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -2,72 +2,69 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
+import zipfile
 from typing import Any
 
 import keras
 
+from keepbest.checkpoint import Checkpoint
+from keepbest.discovery import find, first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.keras import _formats, _state
-from keepbest.checkpoint import Checkpoint, find_checkpoints, first_verified, list_checkpoints
 from keepbest.manifest import Manifest
-from keepbest.storage import INDEX_DIR, MANIFEST_NAME
+from keepbest.store import Reader
 
 
-def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Path, Checkpoint | None]:
-    """The checkpoint that ``path`` names, verified against its manifest.
+def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Reader, Checkpoint | None]:
+    """The checkpoint that ``path`` names, verified against its manifest, opened for reading.
 
     ``path`` may be a Keras file (verified when keepbest wrote it), a keepbest
     checkpoint folder, or a folder of checkpoints (its best one, else its
-    newest one). Returns the path to read and the checkpoint (None for a
-    Keras file that keepbest did not write). With ``fallback``, a checkpoint
-    that fails verification is skipped, with a warning, for the newest one
-    of the same series that verifies.
+    newest one). Returns a reader and the checkpoint (None for a Keras file
+    that keepbest did not write). With ``fallback``, a checkpoint that fails
+    verification is skipped, with a warning, for the newest one of the same
+    series that verifies.
     """
-    p = Path(os.fspath(path))
-    own_manifest = p / MANIFEST_NAME if p.is_dir() else p.parent / INDEX_DIR / f"{p.name}.json"
-    damaged: CorruptCheckpointError | None = None
-    if own_manifest.is_file():  # a damaged manifest must fail the load, not skip verification
-        try:
-            Manifest.from_json(own_manifest.read_bytes(), source=str(own_manifest))
-        except CorruptCheckpointError as e:
+    found = find(path)
+    failures: list[CorruptCheckpointError] = []
+    ckpt: Checkpoint | None = None
+    if found.name is not None:  # one checkpoint: a Keras file or a checkpoint folder
+        for damaged in found.damaged:  # a damaged manifest, or missing data: fail the load, never skip verification
             if not fallback:
-                raise
-            damaged = e
-    store, ckpts = find_checkpoints(p)
-    if p.is_file() or damaged is not None:
-        ckpt = ckpts[0] if ckpts else None
-    elif p.is_dir() and ckpts:
-        best = [c for c in ckpts if c.is_best]
+                raise CorruptCheckpointError(damaged.reason)
+            failures.append(CorruptCheckpointError(damaged.reason))
+        ckpt = found.checkpoints[0] if found.checkpoints else None
+        if ckpt is None and not failures:  # a file keepbest did not write: Keras reads it as it is
+            return found.store.reader(Manifest(found.name, "file", "foreign", series="")), None
+    elif found.checkpoints:
+        best = [c for c in found.checkpoints if c.is_best]
         if len({c.manifest.series for c in best}) > 1:
             raise CheckpointNotFoundError(
-                f"Folder {p} holds the best checkpoints of several writers, so which one to load "
+                f"Folder {found.store.where()} holds the best checkpoints of several writers, so which one to load "
                 "is ambiguous. Pass the path of one checkpoint. Available: "
-                + ", ".join(str(c.path) for c in best) + "."
+                + ", ".join(c.location for c in best) + "."
             )
-        ckpt = best[-1] if best else ckpts[-1]
+        ckpt = best[-1] if best else found.checkpoints[-1]
     else:
-        what = "is an empty folder or holds no committed checkpoint" if p.is_dir() else "does not exist"
+        what = "is an empty folder or holds no committed checkpoint" if found.store.exists() else "does not exist"
+        hint = "".join(f" {d.name}: {d.reason}" for d in found.damaged)
         raise CheckpointNotFoundError(
-            f"No checkpoint at {p}: the path {what}. Check the path; a save that was "
-            f"interrupted leaves nothing visible. Received: path={p}"
+            f"No checkpoint at {found.store.where()}: the path {what}. Check the path; a save that was "
+            f"interrupted leaves nothing visible.{hint} Received: path={os.fspath(path)}"
         )
-    if ckpt is None and damaged is None:
-        return p, None
-    candidates = ([ckpt] if ckpt is not None else []) + (_siblings(p, ckpt) if fallback else [])
-    chosen = first_verified(store, candidates, wanted=str(p), failures=[damaged] if damaged else [])
-    return chosen.path, chosen
+    candidates = ([ckpt] if ckpt is not None else []) + (_siblings(found.store.url, ckpt) if fallback else [])
+    chosen = first_verified(found.store, candidates, wanted=os.fspath(path), failures=failures)
+    return chosen.reader(), chosen
 
 
-def _siblings(p: Path, ckpt: Checkpoint | None) -> list[Checkpoint]:
+def _siblings(folder: str, ckpt: Checkpoint | None) -> list[Checkpoint]:
     """Fallback candidates, newest first: the other checkpoints of ``ckpt``'s series
-    (of the whole folder when ``p`` has a damaged manifest and no known series)."""
-    single = (p / MANIFEST_NAME).is_file() or p.is_file()
-    found = list_checkpoints(p.parent if single else p)
-    return [c for c in reversed(found) if c.path != p and (
-        ckpt is None or (c.manifest.series == ckpt.manifest.series and c.name != ckpt.name))]
+    (of the whole folder when the checkpoint asked for has no readable manifest)."""
+    return [c for c in reversed(find(folder).checkpoints) if ckpt is None or (
+        c.manifest.series == ckpt.manifest.series and c.name != ckpt.name)]
 
 
 def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: bool = False) -> None:
@@ -81,38 +78,38 @@ def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: 
     Example:
         >>> keepbest.keras.load_weights(model, "/tmp/checkpoint")  # doctest: +SKIP
     """
-    target, ckpt = resolve(path, fallback)
+    reader, ckpt = resolve(path, fallback)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
-        _build_optimizer_if_saved(model, target)
-        model.load_weights(target)
+        _build_optimizer_if_saved(model, reader)
+        model.load_weights(reader.local_path())
         return
-    _state.restore_model(model, target, {f.path for f in ckpt.manifest.files})
+    _state.restore_model(model, reader)
 
 
-def _saved_optimizer_slots(path: Path) -> int:
+def _saved_optimizer_slots(reader: Reader) -> int:
     """How many optimizer variables a Keras 3 ``.weights.h5`` / ``.keras`` file holds."""
-    import io
-    import zipfile
-
     import h5py
 
     def count(f: Any) -> int:
         group = f.get("optimizer/vars")
         return len(group) if group is not None else 0
 
-    name = path.name
+    name = reader.manifest.name
     if name.endswith(".weights.h5"):
-        with h5py.File(path, "r") as f:
+        with reader.open(name) as data, h5py.File(data, "r") as f:
             return count(f)
-    if name.endswith(".keras") and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if "model.weights.h5" in z.namelist():
-                with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
-                    return count(f)
+    if name.endswith(".keras"):
+        with reader.open(name) as data:
+            if not zipfile.is_zipfile(data):
+                return 0
+            with zipfile.ZipFile(data) as z:
+                if "model.weights.h5" in z.namelist():
+                    with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+                        return count(f)
     return 0
 
 
-def _build_optimizer_if_saved(model: keras.Model, path: Path) -> None:
+def _build_optimizer_if_saved(model: keras.Model, reader: Reader) -> None:
     """Builds a compiled model's optimizer when the file carries optimizer slots.
 
     Keras refuses to load a file with Adam's slots into a freshly compiled
@@ -122,7 +119,7 @@ def _build_optimizer_if_saved(model: keras.Model, path: Path) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or optimizer.built or not model.built:
         return
-    if _saved_optimizer_slots(path) > len(optimizer.variables):
+    if _saved_optimizer_slots(reader) > len(optimizer.variables):
         optimizer.build(model.trainable_variables)
 
 
@@ -136,20 +133,20 @@ def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | No
     Example:
         >>> model = keepbest.keras.load_model("/tmp/checkpoint")  # doctest: +SKIP
     """
-    target, ckpt = resolve(path, fallback)
+    reader, ckpt = resolve(path, fallback)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
-        return keras.models.load_model(target, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
-    files = {f.path for f in ckpt.manifest.files}
-    if _state.CONFIG_FILE not in files:
+        return keras.models.load_model(reader.local_path(), custom_objects=custom_objects, compile=compile,
+                                       safe_mode=safe_mode)
+    if not reader.has(_state.CONFIG_FILE):
         raise ValueError(
-            f"Cannot rebuild a model from {target}: it was saved with save_weights_only=True, so it "
+            f"Cannot rebuild a model from {reader.where()}: it was saved with save_weights_only=True, so it "
             "holds weights but no model config. Build the model in code and call "
-            f"keepbest.keras.load_weights(model, path). Received: files={sorted(files)}"
+            f"keepbest.keras.load_weights(model, path). Received: files={sorted(f.path for f in ckpt.manifest.files)}"
         )
-    config = json.loads((target / _state.CONFIG_FILE).read_text())
+    config = json.loads(reader.read(_state.CONFIG_FILE).decode("utf-8"))
     if not compile:
         config.pop("compile_config", None)
     with keras.saving.custom_object_scope(custom_objects or {}):
         model = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
-    _state.restore_model(model, target, files)
+    _state.restore_model(model, reader)
     return model

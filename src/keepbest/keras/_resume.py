@@ -16,13 +16,14 @@
 
 from __future__ import annotations
 
-import random
 import sys
 import weakref
 from typing import Any, Callable, Protocol
 
 import keras
 import numpy as np
+
+from keepbest import rng
 
 SEEDS_FILE = "seeds.safetensors"
 METRICS_FILE = "metrics.safetensors"
@@ -66,14 +67,9 @@ def replaying(model: keras.Model, key: str | None = None) -> bool:
 
 # -- random number generators ------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """The global generators' states, as JSON."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {"kind": kind, "keys": np.asarray(keys).tolist(), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-    }
+    """The global generators' states, as JSON: Python's and NumPy's (:mod:`keepbest.rng`), and torch's
+    when torch is in use (its ``DataLoader`` shuffles with it)."""
+    state = rng.capture()
     torch = sys.modules.get("torch")
     if torch is not None:
         state["torch"] = torch.get_rng_state().tolist()
@@ -83,17 +79,22 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    rng.restore(state)
     if "torch" in state:
         import torch
 
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
         if "torch_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["torch_cuda"]])
+
+
+def rng_state_is_valid(state: Any) -> bool:
+    """The shape and ranges of what :func:`rng_state` writes."""
+    try:
+        return rng.is_valid(state) and ("torch" not in state or rng.ints(state["torch"], None, 0, 255)) and (
+            "torch_cuda" not in state or all(rng.ints(s, None, 0, 255) for s in state["torch_cuda"]))
+    except TypeError:
+        return False
 
 
 # -- variables besides weights and optimizer ---------------------------------------------------

@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from keepbest import store as stores
 from keepbest.checkpoint import Checkpoint
-from keepbest.errors import CorruptCheckpointError
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.follower import Follower
 from keepbest.keras import _formats, _state
 from keepbest.keras._callback import ModelCheckpoint, _is_number, _print_msg
@@ -73,6 +74,7 @@ class SidecarEvaluator:
         self.model = model
         self.data = data
         self.checkpoint_dir = os.fspath(checkpoint_dir)
+        stores.open(self.checkpoint_dir)  # a URL without a backend is an error now, not at start()
         self.steps = steps
         self.max_evaluations = max_evaluations
         self.callbacks = list(callbacks or [])
@@ -146,8 +148,10 @@ class SidecarEvaluator:
             if attempt and not follower.still_committed(ckpt):
                 break
             try:
-                follower.store.verify(ckpt.manifest)
+                follower.verify(ckpt)
                 _restore_into(self.model, ckpt)
+            except CheckpointNotFoundError:  # deleted or saved again while it was read
+                break
             except (CorruptCheckpointError, OSError) as e:  # replaced or deleted meanwhile, or damaged: look again
                 error = e
                 continue
@@ -156,7 +160,7 @@ class SidecarEvaluator:
             break
         else:
             assert error is not None
-            if follower.store.replacing(ckpt.name):  # a commit is half-way: its manifest comes next
+            if follower.replacing(ckpt):  # a commit is half-way: its manifest comes next
                 follower.skip(ckpt)
                 return False
             follower.quarantine(ckpt, error)
@@ -171,12 +175,12 @@ class SidecarEvaluator:
 
 
 def _restore_into(model: keras.Model, ckpt: Checkpoint) -> None:
-    files = {f.path for f in ckpt.manifest.files}
+    reader = ckpt.reader()
     if _formats.is_keras_file(ckpt.manifest.format):
-        _build_optimizer_if_saved(model, ckpt.path)
-        model.load_weights(ckpt.path)
+        _build_optimizer_if_saved(model, reader)
+        model.load_weights(reader.local_path())
     else:
-        _state.restore_model(model, ckpt.path, files)
+        _state.restore_model(model, reader)
 
 
 def _unpack(data: Any) -> tuple[Any, Any, Any]:
@@ -230,7 +234,7 @@ class SidecarEvaluatorModelExport(ModelCheckpoint):
     def check_follows(self, checkpoint_dir: str) -> None:
         """Raises unless ``checkpoint_filepath`` lies in the evaluator's ``checkpoint_dir``."""
         folder = os.path.dirname(self.checkpoint_filepath) or "."
-        if os.path.realpath(folder) != os.path.realpath(checkpoint_dir):
+        if stores.absolute(folder) != stores.absolute(checkpoint_dir):
             raise ValueError(
                 f"SidecarEvaluatorModelExport's checkpoint_filepath is in {folder}, but the SidecarEvaluator "
                 f"follows {checkpoint_dir}: pass training's filepath, in the evaluated folder. "
@@ -263,5 +267,5 @@ class SidecarEvaluatorModelExport(ModelCheckpoint):
 
     def _extra(self) -> dict[str, Any]:
         ckpt = self.evaluated_checkpoint
-        source = None if ckpt is None else {"name": ckpt.name, "path": str(ckpt.path), "created": ckpt.manifest.created}
+        source = None if ckpt is None else {"name": ckpt.name, "path": ckpt.location, "created": ckpt.manifest.created}
         return {**super()._extra(), "evaluated_checkpoint": source}

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from keepbest.store.base import Watch
+
 _IN_CLOSE_WRITE, _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x8, 0x40, 0x80, 0x100, 0x200
 _MASK = _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
 
@@ -23,7 +25,7 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
-class FolderWatch:
+class FolderWatch(Watch):
     """Blocks until something is created, renamed or removed in one of ``folders``, or a timeout.
 
     Uses inotify where available (``uses_events``); otherwise, and for a folder
@@ -70,9 +72,3 @@ class FolderWatch:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "FolderWatch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
