@@ -88,10 +88,6 @@ class LocalRecords(LocalFolder):
             self._check_expected(key, path, expect)
             path.unlink(missing_ok=True)
             _fs.fsync_dir(path.parent)
-        folder = path.parent
-        while folder != self.index and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # a record folder emptied by the last delete
-            folder = folder.parent
 
     def list_records(self, prefix: str) -> builtins.list[str]:
         folder = self.index.joinpath(*prefix.split("/"))
@@ -118,6 +114,7 @@ class LocalRecords(LocalFolder):
 
     def record_where(self, key: str) -> str:
         return str(self._record_path(key))
+
 
 def _token(data: bytes) -> str:
     return _digest.of_bytes(data)[:32]

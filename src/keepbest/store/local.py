@@ -351,11 +351,16 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
         return FolderWatch(folders, poll_interval)
 
     def remove_if_empty(self) -> None:
-        index = self.index
-        if index.is_dir() and all(p.name == _names.LOCK for p in index.iterdir()):
-            (index / _names.LOCK).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                index.rmdir()
+        if self.index.is_dir():
+            with self._records_locked():  # no writer creates a record meanwhile
+                for dirpath, _dirs, _files in os.walk(self.index, topdown=False):
+                    if Path(dirpath) != self.index:
+                        with contextlib.suppress(OSError):  # a folder with records stays
+                            os.rmdir(dirpath)
+            if [p.name for p in self.index.iterdir()] == [_names.LOCK]:
+                (self.index / _names.LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.index.rmdir()
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
             _fs.fsync_dir(self.root.parent)
