@@ -174,9 +174,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
             if other is not self and self.params is not None and other.params is self.params \
                     and other._series_key() == self._series_key():
                 raise ValueError(
-                    f"Two ModelCheckpoint callbacks of this fit save to {self.filepath}: each would delete the "
-                    "other's checkpoints (their monitors and retention differ). Give each its own filepath (or "
-                    f"folder). Received: monitor={other.monitor!r} and monitor={self.monitor!r}")
+                    f"Two ModelCheckpoint callbacks of this fit save to {self.filepath}: each would overwrite the "
+                    "other's files and delete its checkpoints by its own monitor and retention. Give each its own "
+                    f"filepath (or folder). Received: monitor={other.monitor!r} and monitor={self.monitor!r}")
 
     def _series_key(self) -> str:
         return self._target(self.filepath)
