@@ -79,14 +79,13 @@ def _gc(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         orphans = store.orphans()
-        stale = [d.name for d in store.list().damaged if d.manifest is not None and "is missing" in d.reason]
         for p in orphans.dead:
             print(f"would remove {p}")
-        for name in stale:
+        for name in orphans.stale:
             print(f"would remove the stale manifest of {name} (its data is gone)")
         for p in orphans.undecided:
             print(f"would leave {p}: its writer may still run on another host or in another PID namespace")
-        if not (orphans.dead or stale or orphans.undecided):
+        if not (orphans.dead or orphans.stale or orphans.undecided):
             print("nothing to clean")
         return 0
     report = store.recover()

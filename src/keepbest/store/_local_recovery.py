@@ -47,21 +47,19 @@ class LocalRecovery(LocalFolder):
                 out.dead.append(str(path))
             elif state == _names.UNKNOWN:
                 out.undecided.append(str(path))
+        # exists() follows links: a link whose target is gone counts as gone.
+        out.stale = [d.manifest.name for d in self.list().damaged if d.manifest is not None
+                     and d.manifest.layout == "file" and not self.entry_path(d.manifest.name).exists()]
         return out
 
     def recover(self) -> Recovery:
-        report = Recovery()
-        for p, state in sorted(self._leftovers()):
-            if state == _names.UNKNOWN:
-                report.undecided.append(str(p))
-            elif state == _names.DEAD:
-                self._settle(p, report)
-        for damaged in self.list().damaged:
-            m = damaged.manifest
-            # exists() follows links: a link whose target is gone counts as gone.
-            if m is not None and m.layout == "file" and not self.entry_path(m.name).exists():
-                self._manifest_path(m.name).unlink(missing_ok=True)  # its data was deleted by hand
-                report.stale.append(m.name)
+        found = self.orphans()
+        report = Recovery(undecided=found.undecided)
+        for p in found.dead:
+            self._settle(Path(p), report)
+        for name in found.stale:
+            self._manifest_path(name).unlink(missing_ok=True)  # its data was deleted by hand
+            report.stale.append(name)
         if report.changed:
             _fs.fsync_dir(self.root)
             if self.index.is_dir():

@@ -97,10 +97,12 @@ class Recovery:
 
 @dataclass
 class Orphans:
-    """Leftovers of writers: ``dead`` ones (safe to remove) and ``undecided`` ones (never removed)."""
+    """Leftovers of writers: ``dead`` ones (safe to remove) and ``undecided`` ones (never removed), and
+    ``stale`` manifests (names of checkpoints whose data was deleted by hand)."""
 
     dead: list[str] = field(default_factory=list)
     undecided: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
 
 
 class Staged(abc.ABC):
