@@ -34,3 +34,15 @@ def dead_token() -> str:
     token = token_of(child.pid, start=1)
     assert liveness(token) == "dead"
     return token
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 for the whole session, with bucket ``kbest``; the AWS environment
+    variables point at it (child processes inherit them)."""
+    pytest.importorskip("moto", reason="moto[server] is not installed (pip install 'moto[server]')")
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()

@@ -78,6 +78,10 @@ class Manifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     version: int | None = None
     """The series' version number (v0, v1, ...), counted per series; None before keepbest 0.3."""
+    files_under: str = ""
+    """Where a folder checkpoint's files are inside its folder ("" : in the folder itself). An object
+    store writes a re-saved folder checkpoint's files under a fresh sub-folder instead of over the
+    committed ones, so the previous checkpoint stays whole until the new manifest replaces it."""
 
     @property
     def monitor_value(self) -> float | None:
@@ -111,6 +115,8 @@ class Manifest:
         }
         if self.version is not None:  # absent otherwise, so keepbest 0.2 reads these manifests
             doc["version"] = self.version
+        if self.files_under:
+            doc["files_under"] = self.files_under
         return json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @classmethod
@@ -202,7 +208,14 @@ class _Decoder:
             versions=self.strings(self.get(doc, "versions", (dict,))),
             extra=self.get(doc, "extra", (dict,)),
             version=self.version(doc),
+            files_under=self.files_under(doc),
         )
+
+    def files_under(self, doc: Mapping[str, Any]) -> str:
+        value = self.get(doc, "files_under", (str,), optional=True)
+        if value is not None and not is_safe_relative_path(value):
+            raise self.fail("'files_under' escapes the checkpoint directory", value)
+        return value or ""
 
     def version(self, doc: Mapping[str, Any]) -> int | None:
         value = self.get(doc, "version", (int,), optional=True)

@@ -41,6 +41,8 @@ TRASH = ".keepbest-trash-"
 PENDING = ".keepbest-pending-"
 DELETING = ".keepbest-deleting-"
 LOCK = ".keepbest-records.lock"
+COMMITTING = ".keepbest-committing-"  # object stores: one writer per checkpoint name, from stage to commit
+GENERATION = ".keepbest-gen-"  # object stores: the files of a re-saved folder checkpoint
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows filesystems
 TAIL = 40  # characters of the final name kept in a temp name (its extension decides the format)
 _RECORD_ROOM = NAME_MAX - len(".json") - 24  # room for the "-<time>-<random>" of a damaged copy
@@ -139,6 +141,17 @@ def temp(prefix: str, name: str = "") -> str:
 def intent(prefix: str, name: str) -> str:
     """The pending/deleting record of a file checkpoint ``name``: ``<prefix><token>-<hash of name>.json``."""
     return f"{prefix}{owner_token()}-{_short(name)}.json"
+
+
+def commit_lock(name: str) -> str:
+    """The record in :data:`INDEX` that an object store's writer of checkpoint ``name`` holds while it
+    writes: ``.keepbest-committing-<hash of name>.json`` (its owner is inside)."""
+    return f"{COMMITTING}{_short(name)}.json"
+
+
+def generation() -> str:
+    """A fresh sub-folder name for the files of a re-saved folder checkpoint in an object store."""
+    return f"{GENERATION}{os.urandom(6).hex()}"
 
 
 def intent_glob(prefix: str, name: str) -> str:

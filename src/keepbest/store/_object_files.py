@@ -1,0 +1,225 @@
+"""Staged entries and readers of the object-store backend.
+
+Writing: a folder checkpoint's files are uploaded by :meth:`ObjectStaged.write` as they come (streamed,
+hashed on the way) to keys that no committed manifest references; a framework's own writer (``.keras``,
+``.h5``) writes a local temporary file, uploaded at commit.
+
+Reading goes through a *verified local cache*: each file is downloaded once per process (streamed,
+hashed on the way), kept only if its digest is the manifest's, and memory-mapped from local disk. A file
+that differs raises :class:`~keepbest.errors.CorruptCheckpointError` naming its URL. The cache is a
+temporary folder removed when the process exits (``KEEPBEST_CACHE_DIR`` chooses another place).
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from keepbest.errors import CorruptCheckpointError
+from keepbest.manifest import FileEntry, Manifest
+from keepbest.store._object_io import PART, Bucket
+from keepbest.store.base import Reader, Staged
+
+_CACHE: Path | None = None
+_CACHE_LOCK = threading.Lock()
+
+
+def _folder(kind: str) -> Path:
+    """The folder ``kind`` of the process's cache, made on first use."""
+    global _CACHE
+    with _CACHE_LOCK:
+        if _CACHE is None:
+            chosen = os.environ.get("KEEPBEST_CACHE_DIR")
+            if chosen:
+                os.makedirs(chosen, exist_ok=True)
+                _CACHE = Path(tempfile.mkdtemp(prefix="keepbest-", dir=chosen))
+            else:
+                _CACHE = Path(tempfile.mkdtemp(prefix="keepbest-cache-"))
+            atexit.register(shutil.rmtree, _CACHE, True)
+        folder = _CACHE / kind
+        folder.mkdir(exist_ok=True)
+    return folder
+
+
+def scratch(kind: str) -> Path:
+    """A fresh local folder under the process's cache (``kind``: what it is for)."""
+    return Path(tempfile.mkdtemp(dir=_folder(kind)))
+
+
+def file_pieces(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(PART):
+            yield chunk
+
+
+class ObjectStaged(Staged):
+    """A checkpoint being written to an object store; the writer holds the name's commit lock.
+
+    ``store`` is the :class:`keepbest.store.object.ObjectStore` (typed loosely: that module imports this one).
+    """
+
+    def __init__(self, store: Any, name: str, layout: str, lock: tuple[str, str],
+                 files_under: str, previous: tuple[Manifest, str] | None) -> None:
+        self.store, self.name, self.layout = store, name, layout
+        self.lock = lock  # (record key, ETag)
+        self.files_under = files_under
+        self.previous = previous  # the committed manifest of this name and its ETag, if any
+        self.written: list[FileEntry] = []
+        self._local: Path | None = None
+
+    def data_key(self, rel: str) -> str:
+        """The key of file ``rel`` of this checkpoint, relative to the store's prefix."""
+        return self.store.data_key(self.name, self.layout, self.files_under, rel)
+
+    def local_path(self) -> Path:
+        if self._local is None:
+            folder = scratch("staged")
+            self._local = folder / self.name
+            if self.layout == "dir":
+                self._local.mkdir()
+        return self._local
+
+    def write(self, rel: str, data: bytes | Sequence[memoryview], digest: str | None = None) -> FileEntry:
+        if self.layout != "dir":
+            raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
+                             f"Received: rel={rel!r}")
+        pieces = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else builtins.list(data)
+        size, computed = self.store.bucket.upload(self.data_key(rel), pieces)
+        entry = FileEntry(path=rel, size=size, digest=computed)
+        self.written.append(entry)
+        return entry
+
+    def link(self, rel: str, base: Manifest, entry: FileEntry) -> bool:
+        return False  # an object store cannot share one object between two checkpoints without a copy
+
+    def free_bytes(self) -> int | None:
+        return None
+
+    def local_files(self) -> list[tuple[str, Path]]:
+        """Files a framework wrote into :meth:`local_path` (relative name, path)."""
+        if self._local is None or not self._local.exists():
+            return []
+        if self.layout == "file":
+            return [(self.name, self._local)]
+        return sorted((p.relative_to(self._local).as_posix(), p) for p in self._local.rglob("*") if p.is_file())
+
+    def cleanup(self) -> None:
+        if self._local is not None:
+            shutil.rmtree(self._local.parent, ignore_errors=True)
+            self._local = None
+
+
+class ObjectReader(Reader):
+    """Reads a committed checkpoint of an object store through the verified local cache."""
+
+    def __init__(self, store: Any, manifest: Manifest) -> None:
+        self.store, self.manifest = store, manifest
+        self._view: Path | None = None
+
+    def _entry(self, rel: str) -> FileEntry:
+        for f in self.manifest.files:
+            if f.path == rel:
+                return f
+        raise CorruptCheckpointError(
+            f"Checkpoint {self.manifest.name} has no file {rel} in its manifest ({self.where()}). Load another "
+            f"checkpoint. Received: {rel!r}")
+
+    def _key(self, rel: str) -> str:
+        m = self.manifest
+        return self.store.data_key(m.name, m.layout, m.files_under, rel)
+
+    def fetch(self, rel: str) -> Path:
+        """File ``rel`` in the local cache, downloaded (and verified) if it is not there yet."""
+        entry = self._entry(rel)
+        return cached(self.store.bucket, self._key(rel), entry, lambda: self.store.gone(self.manifest))
+
+    def buffer(self, rel: str) -> Any:
+        with open(self.fetch(rel), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        return self.store.bucket.read_range(self._key(rel), offset, length)
+
+    def local_path(self) -> Path:
+        if self._view is None:
+            view = scratch("views") / self.manifest.name
+            if self.manifest.layout == "file":
+                _link(self.fetch(self.manifest.name), view)
+            else:
+                for f in self.manifest.files:
+                    (view / f.path).parent.mkdir(parents=True, exist_ok=True)
+                    _link(self.fetch(f.path), view / f.path)
+                (view / "manifest.json").write_bytes(self.manifest.to_json())
+            self._view = view
+        return self._view
+
+    def where(self, rel: str | None = None) -> str:
+        if rel is None:
+            return self.store.where(self.manifest.name)
+        return self.store.bucket.where(self._key(rel))
+
+
+_FETCHING: dict[str, threading.Lock] = {}
+
+
+def cached(bucket: Bucket, key: str, entry: FileEntry, gone: Callable[[], bool]) -> Path:
+    """The verified local copy of object ``key`` (``entry`` says what it must hold)."""
+    path = _cache_dir() / f"{entry.algorithm}-{entry.digest}"
+    with _CACHE_LOCK:
+        lock = _FETCHING.setdefault(str(path), threading.Lock())
+    with lock:
+        if path.is_file():
+            return path
+        tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.part")
+        try:
+            with open(tmp, "wb") as f:
+                try:
+                    size, digest = bucket.download(key, f, entry.algorithm)
+                except FileNotFoundError:
+                    raise missing(bucket, key, gone) from None
+            if (size, digest) != (entry.size, entry.digest):
+                if gone():
+                    raise missing(bucket, key, gone)
+                raise CorruptCheckpointError(
+                    f"Checkpoint file {bucket.where(key)} does not match its manifest (it was truncated or "
+                    "modified after it was committed). Load another checkpoint or restore the object. "
+                    f"Received: size={size} {entry.algorithm}={digest[:16]}..., expected size={entry.size} "
+                    f"{entry.algorithm}={entry.digest[:16]}...")
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return path
+
+
+def missing(bucket: Bucket, key: str, gone: Callable[[], bool]) -> Exception:
+    from keepbest.errors import CheckpointNotFoundError
+
+    if gone():
+        return CheckpointNotFoundError(
+            f"Checkpoint file {bucket.where(key)} was deleted or saved again while it was read (retention or a "
+            "new save), so the checkpoint is gone, not damaged. List the folder again. Received: a vanished "
+            "checkpoint")
+    return CorruptCheckpointError(
+        f"Checkpoint file {bucket.where(key)} is missing although its manifest lists it. Restore it from a copy "
+        "or delete the checkpoint. Received: missing object")
+
+
+def _cache_dir() -> Path:
+    return _folder("objects")
+
+
+def _link(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
