@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from keepbest import evaluation, store as stores
 from keepbest.checkpoint import Checkpoint, bests, in_commit_order
@@ -35,10 +35,10 @@ class Found:
     damaged: list[Damaged] = field(default_factory=list)
 
 
-def find(location: str | os.PathLike[str]) -> Found:
+def find(location: str | os.PathLike[str] | Store, storage_options: Mapping[str, Any] | None = None) -> Found:
     """The checkpoints at ``location``: one checkpoint (a folder with its manifest, a Keras file), or a
     folder holding checkpoints. Oldest first; in each series the best by its recorded monitor is marked."""
-    store, name = stores.locate(location)
+    store, name = stores.locate(location, storage_options)
     listing = store.list()
     manifests = listing.manifests
     best = bests(manifests)
@@ -54,13 +54,13 @@ def find(location: str | os.PathLike[str]) -> Found:
     return Found(store, name, ckpts, damaged)
 
 
-def list_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
+def list_checkpoints(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> list[Checkpoint]:
     """The committed checkpoints at ``path`` (a folder of checkpoints, one checkpoint, or a Keras file).
 
     Oldest first; in each series the best by its recorded monitor has ``is_best``.
     A checkpoint whose data is missing is not listed.
     """
-    return find(path).checkpoints
+    return find(path, storage_options).checkpoints
 
 
 def first_verified(store: Store, candidates: Sequence[Checkpoint], *, wanted: str,

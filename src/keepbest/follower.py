@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from keepbest import evaluation, store as stores
 from keepbest.checkpoint import Checkpoint
@@ -54,11 +54,14 @@ class Follower:
         lease_ttl: seconds after the last heartbeat before training's retention
             stops honouring the lease (a killed evaluator blocks deletion no
             longer than this). Heartbeats come every ``lease_ttl / 4``.
-        poll_interval: longest wait between looks where file events are missing.
+        poll_interval: longest wait between looks where file events are missing (local folders without
+            inotify, and buckets: one LIST request per look).
+        storage_options: passed to s3fs for an ``s3://`` directory (else the AWS environment is used).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, name: str = "eval", mode: str = "every",
-                 series: Sequence[str] | None = None, lease_ttl: float = 120.0, poll_interval: float = 0.5) -> None:
+                 series: Sequence[str] | None = None, lease_ttl: float = 120.0, poll_interval: float = 0.5,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         if mode not in evaluation.MODES:
             raise ValueError(f"mode must be 'every' (evaluate each checkpoint) or 'latest' (jump to the newest). "
                              f"Received: mode={mode!r}")
@@ -66,7 +69,7 @@ class Follower:
             raise ValueError(f"name must be a plain file name (it names the evaluator's records). Received: name={name!r}")
         if not lease_ttl > 0:
             raise ValueError(f"lease_ttl must be a positive number of seconds. Received: lease_ttl={lease_ttl!r}")
-        self.store = stores.open(directory)
+        self.store = stores.open(directory, storage_options)
         self.name = name
         self.mode = mode
         self.series = None if series is None else list(series)

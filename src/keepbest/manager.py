@@ -97,7 +97,8 @@ class CheckpointManager:
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
                  keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
-                 publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True) -> None:
+                 publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
             raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
         if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
@@ -108,7 +109,7 @@ class CheckpointManager:
         if not isinstance(series, str) or not series:
             raise ValueError(f"series must be a non-empty string (it names the checkpoints this manager owns). "
                              f"Received: series={series!r}")
-        self.store = stores.open(directory)
+        self.store = stores.open(directory, storage_options)
         self.monitor = monitor
         self.keep = tuple(keep)
         self.series = series

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import threading
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -62,7 +62,8 @@ class BackupAndRestore(keras.callbacks.Callback):
                  double_checkpoint: bool = False, delete_checkpoint: bool = True, *,
                  save_before_preemption: bool = False,
                  preemption_signals: Sequence[int] = (signal.SIGTERM,),
-                 partial_restore: bool = False, verbose: int = 1) -> None:
+                 partial_restore: bool = False, verbose: int = 1,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if not backup_dir:
             raise ValueError("Empty `backup_dir` argument passed")
@@ -82,7 +83,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.partial_restore = bool(partial_restore)
         self.verbose = verbose
         self._manager = CheckpointManager(self.backup_dir, series=SERIES,
-                                          keep=[KeepLast(2 if self.double_checkpoint else 1)])
+                                          keep=[KeepLast(2 if self.double_checkpoint else 1)],
+                                          storage_options=storage_options)
         self._epoch = 0
         self._last_batch_seen: int | None = None
         self._batches_since_save = 0

@@ -8,7 +8,7 @@ import os
 import string
 import warnings
 import weakref
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -84,7 +84,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
                  save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
-                 async_save: bool = False, publishers: Sequence[Publisher] = (), **kwargs: Any) -> None:
+                 async_save: bool = False, publishers: Sequence[Publisher] = (),
+                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__()
         self._epoch_period, self._load_on_restart = _legacy_kwargs(kwargs)
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
@@ -125,7 +126,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self.format = _formats.format_for(self.filepath, save_weights_only)
         # Where it saves, pinned now: a relative path must not follow an os.chdir() during fit, and a URL
         # that no storage backend serves is an error before training starts.
-        self._anchor = _anchor(self.filepath)
+        self.storage_options = dict(storage_options or {})
+        self._anchor = _anchor(self.filepath, self.storage_options)
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = save_best_only
@@ -342,7 +344,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
             # Monitor and rules are attached at save time: an "auto" mode is resolved only once
             # the model's metrics exist.
             self._managers[root] = CheckpointManager(root, series=os.path.basename(self.filepath),
-                                                     writer=self._writer, publishers=self._publish or ())
+                                                     writer=self._writer, publishers=self._publish or (),
+                                                     storage_options=self.storage_options)
         return self._managers[root]
 
     def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -410,7 +413,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             return
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
-        if _formats.is_keras_file(self.format) and stores.open(target).exists():
+        if _formats.is_keras_file(self.format) and stores.open(target, self.storage_options).exists():
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
                           f"is an existing directory: {filepath}")
         if self.async_save:
@@ -506,10 +509,10 @@ def _dirname(path: str) -> str:
     return os.path.dirname(path) or ("." if not stores.is_url(path) else path)
 
 
-def _anchor(filepath: str) -> str:
+def _anchor(filepath: str, storage_options: Mapping[str, Any]) -> str:
     """The folder a relative local ``filepath`` is relative to (the current one, now); "" otherwise."""
     if stores.is_url(filepath):
-        stores.open(filepath)  # raises now when no backend serves it
+        stores.open(filepath, storage_options)  # raises now when no backend serves it
         return ""
     if os.path.isabs(os.path.expanduser(filepath)):
         return ""

@@ -6,19 +6,20 @@ import io
 import json
 import os
 import zipfile
-from typing import Any
+from typing import Any, Mapping
 
 import keras
 
 from keepbest.checkpoint import Checkpoint
-from keepbest.discovery import find, first_verified
+from keepbest.discovery import Found, find, first_verified
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.keras import _formats, _state
 from keepbest.manifest import Manifest
 from keepbest.store import Reader
 
 
-def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Reader, Checkpoint | None]:
+def resolve(path: str | os.PathLike[str], fallback: bool = False,
+            storage_options: Mapping[str, Any] | None = None) -> tuple[Reader, Checkpoint | None]:
     """The checkpoint that ``path`` names, verified against its manifest, opened for reading.
 
     ``path`` may be a Keras file (verified when keepbest wrote it), a keepbest
@@ -28,7 +29,7 @@ def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Reade
     verification is skipped, with a warning, for the newest one of the same
     series that verifies.
     """
-    found = find(path)
+    found = find(path, storage_options)
     failures: list[CorruptCheckpointError] = []
     ckpt: Checkpoint | None = None
     if found.name is not None:  # one checkpoint: a Keras file or a checkpoint folder
@@ -55,19 +56,20 @@ def resolve(path: str | os.PathLike[str], fallback: bool = False) -> tuple[Reade
             f"No checkpoint at {found.store.where()}: the path {what}. Check the path; a save that was "
             f"interrupted leaves nothing visible.{hint} Received: path={os.fspath(path)}"
         )
-    candidates = ([ckpt] if ckpt is not None else []) + (_siblings(found.store.url, ckpt) if fallback else [])
+    candidates = ([ckpt] if ckpt is not None else []) + (_siblings(found, ckpt) if fallback else [])
     chosen = first_verified(found.store, candidates, wanted=os.fspath(path), failures=failures)
     return chosen.reader(), chosen
 
 
-def _siblings(folder: str, ckpt: Checkpoint | None) -> list[Checkpoint]:
+def _siblings(found: Found, ckpt: Checkpoint | None) -> list[Checkpoint]:
     """Fallback candidates, newest first: the other checkpoints of ``ckpt``'s series
     (of the whole folder when the checkpoint asked for has no readable manifest)."""
-    return [c for c in reversed(find(folder).checkpoints) if ckpt is None or (
+    return [c for c in reversed(find(found.store).checkpoints) if ckpt is None or (
         c.manifest.series == ckpt.manifest.series and c.name != ckpt.name)]
 
 
-def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: bool = False) -> None:
+def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
     """Restores weights (and optimizer state, if the model has an optimizer) in place.
 
     Every file is verified (size and BLAKE3) before anything is assigned; a
@@ -78,7 +80,7 @@ def load_weights(model: keras.Model, path: str | os.PathLike[str], *, fallback: 
     Example:
         >>> keepbest.keras.load_weights(model, "/tmp/checkpoint")  # doctest: +SKIP
     """
-    reader, ckpt = resolve(path, fallback)
+    reader, ckpt = resolve(path, fallback, storage_options)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
         _build_optimizer_if_saved(model, reader)
         model.load_weights(reader.local_path())
@@ -124,7 +126,8 @@ def _build_optimizer_if_saved(model: keras.Model, reader: Reader) -> None:
 
 
 def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | None = None,
-               compile: bool = True, safe_mode: bool = True, *, fallback: bool = False) -> keras.Model:
+               compile: bool = True, safe_mode: bool = True, *, fallback: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> keras.Model:
     """Rebuilds a model from a checkpoint saved with ``save_weights_only=False``.
 
     Keras's safe mode applies: a config never makes Keras run arbitrary code.
@@ -133,7 +136,7 @@ def load_model(path: str | os.PathLike[str], custom_objects: dict[str, Any] | No
     Example:
         >>> model = keepbest.keras.load_model("/tmp/checkpoint")  # doctest: +SKIP
     """
-    reader, ckpt = resolve(path, fallback)
+    reader, ckpt = resolve(path, fallback, storage_options)
     if ckpt is None or _formats.is_keras_file(ckpt.manifest.format):
         return keras.models.load_model(reader.local_path(), custom_objects=custom_objects, compile=compile,
                                        safe_mode=safe_mode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -63,7 +63,8 @@ class SidecarEvaluator:
                  steps: int | None = None, max_evaluations: int | None = None,
                  callbacks: Sequence[keras.callbacks.Callback] | None = None, *, mode: str = "every",
                  name: str = "eval", series: Sequence[str] | str | None = None,
-                 idle_timeout: float | None = None, lease_ttl: float = 120.0, verbose: int = 1) -> None:
+                 idle_timeout: float | None = None, lease_ttl: float = 120.0, verbose: int = 1,
+                 poll_interval: float = 0.5, storage_options: Mapping[str, Any] | None = None) -> None:
         for arg, value in (("steps", steps), ("max_evaluations", max_evaluations)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{arg}` must be a positive integer or None. Received: {arg}={value!r}")
@@ -74,14 +75,18 @@ class SidecarEvaluator:
         self.model = model
         self.data = data
         self.checkpoint_dir = os.fspath(checkpoint_dir)
-        stores.open(self.checkpoint_dir)  # a URL without a backend is an error now, not at start()
+        stores.open(self.checkpoint_dir, storage_options)  # a URL without a backend is an error now, not at start()
         self.steps = steps
         self.max_evaluations = max_evaluations
         self.callbacks = list(callbacks or [])
         self.idle_timeout = idle_timeout
         self.verbose = verbose
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not poll_interval > 0:
+            raise ValueError(f"`poll_interval` must be a positive number of seconds. Received: "
+                             f"poll_interval={poll_interval!r}")
         self.follower = Follower(self.checkpoint_dir, name=name, mode=mode, lease_ttl=lease_ttl,
-                                 series=[series] if isinstance(series, str) else series)
+                                 series=[series] if isinstance(series, str) else series,
+                                 poll_interval=float(poll_interval), storage_options=storage_options)
         self.stop_reason: str | None = None
         self.evaluated: list[tuple[Checkpoint, dict[str, float]]] = []  # this run's evaluations, in order
         self._reported = 0

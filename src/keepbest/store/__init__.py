@@ -44,7 +44,7 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     return isinstance(location, str) and _SCHEME.match(location) is not None
 
 
-def open(location: str | os.PathLike[str],  # noqa: A001 - the verb is the point
+def open(location: "str | os.PathLike[str] | Store",  # noqa: A001 - the verb is the point
          storage_options: Mapping[str, Any] | None = None) -> Store:
     """The store at ``location``: a local path, ``~/...``, ``file:///...``, or ``s3://bucket/prefix``.
 
@@ -53,6 +53,8 @@ def open(location: str | os.PathLike[str],  # noqa: A001 - the verb is the point
     Raises :class:`~keepbest.errors.StorageError` (an ``OSError``) when no
     backend serves the URL's scheme, and ValueError for an empty location.
     """
+    if isinstance(location, Store):
+        return location
     text = os.fsdecode(os.fspath(location))
     if not text:
         raise ValueError("The checkpoint location is empty. Pass a folder or a file path (or a URL). "
@@ -88,7 +90,7 @@ def open(location: str | os.PathLike[str],  # noqa: A001 - the verb is the point
         f"file:// URL or an object-store URL ({known}). Nothing was written. Received: {text}")
 
 
-def locate(location: str | os.PathLike[str],
+def locate(location: "str | os.PathLike[str] | Store",
            storage_options: Mapping[str, Any] | None = None) -> tuple[Store, str | None]:
     """The store that holds ``location`` and the checkpoint it names.
 

@@ -71,7 +71,9 @@ class Bucket:
             return fsspec.asyn.sync(self.fs.loop, self._request, method, Bucket=self.bucket, **kw)
         except FileExistsError as e:  # s3fs's reading of 412 on If-None-Match
             raise PreconditionFailed(str(e)) from None
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if "bucket does not exist" in str(e) or "NoSuchBucket" in str(e):
+                raise self.failure(what, rel, e) from None
             raise
         except OSError as e:
             text = str(e)
@@ -145,10 +147,7 @@ class Bucket:
             kw: dict[str, Any] = {"Prefix": start}
             if token:
                 kw["ContinuationToken"] = token
-            try:
-                page = self.call("list_objects_v2", None, "list", **kw)
-            except FileNotFoundError:  # no such bucket: nothing is there (a write will say why)
-                return out
+            page = self.call("list_objects_v2", None, "list", **kw)
             for item in page.get("Contents", []):
                 out[self._rel(item["Key"])] = (int(item["Size"]), str(item["ETag"]))
             token = page.get("NextContinuationToken")
