@@ -203,9 +203,10 @@ def _sidecar(args: argparse.Namespace) -> int:
     evaluator = keepbest.keras.SidecarEvaluator(
         model, make_data(), args.dir, steps=args.steps, max_evaluations=args.max_evaluations,  # type: ignore[operator]
         callbacks=callbacks, mode=args.mode, name=args.name, series=args.series,
-        idle_timeout=args.idle_timeout, verbose=1)
+        idle_timeout=args.idle_timeout, poll_interval=args.poll_interval, verbose=1)
+    looks = "polling every" if stores.is_url(args.dir) else "file events, else a look every"
     print(f"keepbest sidecar: following {args.dir} (mode {args.mode}, evaluator '{args.name}', "
-          f"{os.environ.get('KERAS_BACKEND', 'keras default')} backend)", flush=True)
+          f"{os.environ.get('KERAS_BACKEND', 'keras default')} backend, {looks} {args.poll_interval:g} s)", flush=True)
     evaluator.start()
     return 0
 
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--name", default="eval", help="this evaluator's name (default: eval)")
     sc.add_argument("--series", help="only checkpoints of this filepath template, e.g. 'ckpt-{epoch:04d}'")
     sc.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a new checkpoint")
+    sc.add_argument("--poll-interval", type=float, default=0.5,
+                    help="seconds between looks for new checkpoints where file events are missing (a bucket: one "
+                         "LIST request per look; default: 0.5)")
     sc.add_argument("--export", help="export the best evaluated model here, e.g. 'best/best-{epoch:04d}.keras'")
     sc.add_argument("--monitor", default="loss", help="evaluation metric that decides the best (default: loss)")
     sc.add_argument("--metric-mode", default="auto", choices=("auto", "min", "max"), help="for --monitor")
