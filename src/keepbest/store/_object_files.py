@@ -152,11 +152,11 @@ class ObjectReader(Reader):
         if self._view is None:
             view = scratch("views") / self.manifest.name
             if self.manifest.layout == "file":
-                _link(self.fetch(self.manifest.name), view)
+                link(self.fetch(self.manifest.name), view)
             else:
                 for f in self.manifest.files:
                     (view / f.path).parent.mkdir(parents=True, exist_ok=True)
-                    _link(self.fetch(f.path), view / f.path)
+                    link(self.fetch(f.path), view / f.path)
                 (view / "manifest.json").write_bytes(self.manifest.to_json())
             self._view = view
         return self._view
@@ -217,7 +217,7 @@ def _cache_dir() -> Path:
     return _folder("objects")
 
 
-def _link(source: Path, dest: Path) -> None:
+def link(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, dest)

@@ -38,7 +38,7 @@ from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store import _names
 from keepbest.store._names import INDEX, MANIFEST, RESERVED
-from keepbest.store._object_files import ObjectReader, ObjectStaged, cached, file_pieces, missing, scratch
+from keepbest.store._object_files import ObjectReader, ObjectStaged, cached, file_pieces, link, missing, scratch
 from keepbest.store._object_io import ACTIVE as _ACTIVE, ACTIVE_LOCK as _ACTIVE_LOCK, Bucket, PreconditionFailed
 from keepbest.store._object_recovery import ObjectRecovery
 from keepbest.store._object_records import ObjectRecords, PollWatch
@@ -369,9 +369,7 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         for f in manifest.files:
             key = self.data_key(manifest.name, manifest.layout, manifest.files_under, f.path)
             source = cached(self.bucket, key, f, lambda: self.gone(manifest))
-            target = dest if manifest.layout == "file" else dest / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            link(source, dest if manifest.layout == "file" else dest / f.path)  # cached files never change
         if manifest.layout == "dir":
             (dest / MANIFEST).write_bytes(manifest.to_json())
         self._snapshots.add(dest)
