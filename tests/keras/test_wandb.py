@@ -174,3 +174,17 @@ def test_signature_is_the_one_of_wandb_s_callback():
         ("filepath", inspect.Parameter.empty), ("monitor", "val_loss"), ("verbose", 0), ("save_best_only", False),
         ("save_weights_only", False), ("mode", "auto"), ("save_freq", "epoch"), ("initial_value_threshold", None),
         ("kwargs", inspect.Parameter.empty)]
+
+
+def test_a_bucket_filepath_logs_each_version_with_the_bytes_in_the_bucket(s3, run):
+    pytest.importorskip("s3fs", reason="keepbest[s3] is not installed")
+    url = s3.url("wandb")
+    cb = WandbModelCheckpoint(url + "/e{epoch}.keras", monitor="val_loss")
+    drive(cb, make_model(), [{"loss": 1.0, "val_loss": v} for v in (0.9, 0.5, 0.7)])
+    logged = _finished(run)
+    assert [a["aliases"] for a in logged] == [{"latest", "best", "epoch_1"}, {"latest", "best", "epoch_2"},
+                                              {"latest", "epoch_3"}]
+    prefix = url.split("s3://kbest/")[1]
+    for a, name in zip(logged, ["e1.keras", "e2.keras", "e3.keras"]):
+        body = s3.client().get_object(Bucket="kbest", Key=f"{prefix}/{name}")["Body"].read()
+        assert a["files"] == {name: base64.b64encode(hashlib.md5(body).digest()).decode()}
