@@ -163,6 +163,8 @@ def test_gc_rolls_forward_a_keras_file_whose_upload_completed_before_its_writer_
                            "created": old.created + 1})
     _dead_lock(store, "best.keras", "file", dead_token, intent=new)
     store.bucket.put("best.keras", b"new")  # the data was replaced, the manifest not yet
+    listing = store.list()  # same size: only the lock's intent tells that the object may be the new save
+    assert listing.manifests == [] and "was being saved again when its writer died" in listing.damaged[0].reason
     report = store.recover()
     assert report.rolled_forward == ["best.keras"]
     (m,) = listed(store)

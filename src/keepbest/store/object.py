@@ -300,11 +300,31 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
             if layout == "dir" and m.name != shown:
                 m = replace(m, name=shown)
             problem = self._absent(m, objects)
+            if problem is None and layout == "file" and self._lock_key(m.name) in objects:
+                problem = self._being_replaced(m)
+                if problem == "":
+                    continue  # a live writer is replacing its data right now: the name is not readable this instant
             if problem is None:
                 out.manifests.append(m)
             elif not self.gone(m):
                 out.damaged.append(Damaged(m.name, problem, m))
         return out
+
+    def _being_replaced(self, m: Manifest) -> str | None:
+        """Whether the data of file checkpoint ``m`` may already be a newer save's (a lock with an intent):
+        "" while its writer lives, why it is unusable when the writer died, None when not."""
+        held = self.read_lock(m.name)
+        intent = held[0].get("intent") if held is not None else None
+        if not isinstance(intent, dict) or intent.get("files") == [
+                {"path": f.path, "size": f.size, f.algorithm: f.digest} for f in m.files]:
+            return None
+        owner = str(held[0].get("owner", "")) if held is not None else ""
+        if _names.liveness(owner) != _names.DEAD and not (
+                owner == _names.owner_token() and (self.url, self._lock_key(m.name)) not in _ACTIVE):
+            return ""
+        return (f"Checkpoint {m.name} was being saved again when its writer died, so its object may hold the new "
+                f"save while its manifest describes the previous one. `keepbest gc {self.url}` (or the next save "
+                "of it) completes or undoes that save. Received: an interrupted re-save")
 
     def _manifest(self, key: str, etag: str) -> Manifest | CorruptCheckpointError | None:
         """The manifest at ``key`` (parsed once per ETag: a manifest object never changes in place)."""
