@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import builtins
 import errno
+import itertools
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -161,12 +163,32 @@ class Bucket:
         return bytes(out["Body"])
 
     def stream(self, rel: str) -> Iterator[bytes]:
-        """The object's bytes in chunks of :data:`READ_CHUNK` (one GET per chunk)."""
-        size = self.head(rel)
-        if size is None:
+        """The object's bytes in order, in chunks of :data:`READ_CHUNK`: ranged GETs, a few in flight.
+
+        Every range is read with ``If-Match`` on the ETag seen first, so an object replaced while it is
+        read raises FileNotFoundError instead of yielding a mix of two objects.
+        """
+        head = self.head(rel)
+        if head is None:
             raise FileNotFoundError(self.where(rel))
-        for offset in range(0, size[0], READ_CHUNK):
-            yield self.read_range(rel, offset, min(READ_CHUNK, size[0] - offset))
+        size, etag = head
+        offsets = iter(range(0, size, READ_CHUNK))
+        with ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="keepbest-download") as pool:
+            window = deque(pool.submit(self._range, rel, off, min(READ_CHUNK, size - off), etag)
+                           for off in itertools.islice(offsets, PARALLEL_PARTS))
+            while window:
+                chunk = window.popleft().result()
+                off = next(offsets, None)
+                if off is not None:
+                    window.append(pool.submit(self._range, rel, off, min(READ_CHUNK, size - off), etag))
+                yield chunk
+
+    def _range(self, rel: str, offset: int, length: int, etag: str) -> bytes:
+        try:
+            out = self.call("get_object", rel, "read", Range=f"bytes={offset}-{offset + length - 1}", IfMatch=etag)
+        except PreconditionFailed:
+            raise FileNotFoundError(f"{self.where(rel)} was replaced while it was read") from None
+        return bytes(out["Body"])
 
     # -- uploads --------------------------------------------------------------------------------
     def upload(self, rel: str, pieces: Iterable[memoryview | bytes], *, before_visible: Any = None,
@@ -180,7 +202,9 @@ class Bucket:
         """
         self._check_conditions()
         h = _digest.new(algorithm, threads=True)
-        size, part, mpu = 0, bytearray(), None
+        size, mpu = 0, None
+        part: list[memoryview] = []  # views into the caller's buffers, joined once per part (one copy)
+        filled = 0
         pool: ThreadPoolExecutor | None = None
         futures: list[Future[dict[str, Any]]] = []
         try:
@@ -189,25 +213,26 @@ class Bucket:
                 h.update(view)
                 size += view.nbytes
                 while view.nbytes:
-                    take = min(PART - len(part), view.nbytes)
-                    part += view[:take]
+                    take = min(PART - filled, view.nbytes)
+                    part.append(view[:take])
+                    filled += take
                     view = view[take:]
-                    if len(part) == PART:
+                    if filled == PART:
                         if mpu is None:
                             mpu = self.call("create_multipart_upload", rel, "upload")["UploadId"]
                             pool = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="keepbest-upload")
                         while sum(not f.done() for f in futures) >= PARALLEL_PARTS:
                             next(f for f in futures if not f.done()).result()
-                        futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, bytes(part)))  # type: ignore[union-attr]
-                        part = bytearray()
+                        futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, b"".join(part)))  # type: ignore[union-attr]
+                        part, filled = [], 0
             digest = str(h.hexdigest())
             if mpu is None:  # small: one PUT
                 if before_visible is not None:
                     before_visible(size, digest)
-                self.call("put_object", rel, "upload", Body=bytes(part))
+                self.call("put_object", rel, "upload", Body=b"".join(part))
                 return size, digest
             if part:
-                futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, bytes(part)))  # type: ignore[union-attr]
+                futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, b"".join(part)))  # type: ignore[union-attr]
             parts = [f.result() for f in futures]
             if before_visible is not None:
                 before_visible(size, digest)
