@@ -175,20 +175,22 @@ class Follower:
         """Blocks until a checkpoint is due and returns it; None once training has ended and
         nothing is left (``stop_reason`` says why), or after ``idle_timeout`` seconds without one."""
         started = time.monotonic()
+        look = True
         while True:
-            due = self.pending()
-            if due:
-                m = due[0] if self.mode == "every" else due[-1]
-                return Checkpoint(m, self.store.where(m.name), store=self.store)
-            if self._training_ended(self._committed()):
-                self.stop_reason = "training ended"
-                return None
+            if look:
+                due = self.pending()
+                if due:
+                    m = due[0] if self.mode == "every" else due[-1]
+                    return Checkpoint(m, self.store.where(m.name), store=self.store)
+                if self._training_ended(self._committed()):
+                    self.stop_reason = "training ended"
+                    return None
             waited = time.monotonic() - started
             if idle_timeout is not None and waited >= idle_timeout:
                 self.stop_reason = f"no new checkpoint for {idle_timeout:g} s (idle_timeout)"
                 return None
             left = 1.0 if idle_timeout is None else min(1.0, idle_timeout - waited)
-            self._watch.wait(max(left, 0.0))
+            look = self._watch.wait(max(left, 0.0))  # a bucket is listed again only once it changed
 
     def verify(self, ckpt: Checkpoint) -> None:
         """Re-hashes ``ckpt``'s files (raises as :meth:`keepbest.store.Store.verify` does)."""

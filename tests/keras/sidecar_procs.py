@@ -103,13 +103,28 @@ class _LogCommits(keras.callbacks.Callback):
 
 
 def train(args: argparse.Namespace) -> None:
-    log = Log(args.log)
+    _fit(args.dir, Log(args.log), args.epochs, args.epoch_seconds, args.keep_last)
+
+
+def train_here(directory: str, log_path: str, epochs: int, epoch_seconds: float, keep_last: int,
+               before_save: list[keras.callbacks.Callback] | None = None) -> None:
+    """The trainer's work in the calling process (a test's, which has Keras loaded already); closes its log.
+    ``before_save``: callbacks placed before the ModelCheckpoint."""
+    log = Log(log_path)
+    try:
+        _fit(directory, log, epochs, epoch_seconds, keep_last, before_save or [])
+    finally:
+        log.file.close()
+
+
+def _fit(directory: str, log: Log, epochs: int, epoch_seconds: float, keep_last: int,
+         before_save: list[keras.callbacks.Callback] | None = None) -> None:
     model = make_model()
     x, y = train_data()
-    checkpoint = keepbest.keras.ModelCheckpoint(os.path.join(args.dir, FILEPATH), save_weights_only=True,
-                                                keep_last=args.keep_last)
-    model.fit(x, y, epochs=args.epochs, batch_size=64, verbose=0,
-              callbacks=[_Pace(args.epoch_seconds), checkpoint, _LogCommits(args.dir, log)])
+    checkpoint = keepbest.keras.ModelCheckpoint(os.path.join(directory, FILEPATH), save_weights_only=True,
+                                                keep_last=keep_last)
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0,
+              callbacks=[_Pace(epoch_seconds), *(before_save or []), checkpoint, _LogCommits(directory, log)])
     log(event="fit_returned")
 
 

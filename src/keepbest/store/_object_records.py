@@ -88,17 +88,19 @@ class PollWatch(Watch):
         self._seen = bucket.listing()
         self._closed = threading.Event()
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
+        """True once the listing changed; False at the timeout (a LIST of the whole prefix saw no change)."""
         deadline = time.monotonic() + timeout
         while not self._closed.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                return False
             self._closed.wait(min(self.poll_interval, left))
             now = self.bucket.listing()
             if now != self._seen:
                 self._seen = now
-                return
+                return True
+        return True
 
     def close(self) -> None:
         self._closed.set()

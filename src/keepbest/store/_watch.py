@@ -55,10 +55,11 @@ class FolderWatch(Watch):
                     self._watched.add(folder)
         return len(self._watched) == len(self.folders)
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
+        """Always True: events can be missed (a folder made meanwhile), so callers look again."""
         if self._fd < 0:
             select.select([], [], [], min(timeout, self.poll_interval))
-            return
+            return True
         complete = self._add_missing()
         ready, _, _ = select.select([self._fd], [], [], timeout if complete else min(timeout, self.poll_interval))
         if ready:
@@ -67,6 +68,7 @@ class FolderWatch(Watch):
                     pass
             except BlockingIOError:
                 pass
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:

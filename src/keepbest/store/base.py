@@ -196,7 +196,8 @@ class Watch(abc.ABC):
     """Waits until the store may have changed."""
 
     @abc.abstractmethod
-    def wait(self, timeout: float) -> None: ...
+    def wait(self, timeout: float) -> bool:
+        """Returns within ``timeout`` seconds; False only when nothing changed for sure."""
 
     def close(self) -> None:
         """Lets go of what the watch holds."""
