@@ -7,9 +7,7 @@ test process (``sidecar_procs.train_here``), which saves an interpreter start pe
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,29 +19,19 @@ from keepbest import evaluation, store as stores
 from keepbest.discovery import list_checkpoints
 from keepbest.follower import EvaluatorConflictError
 from keepbest.store._object_io import Bucket
-from tests.helpers import spawn, wait_until
+from tests.helpers import wait_until
 from tests.keras import sidecar_procs
 from tests.keras.sidecar_procs import FILEPATH, make_model, read_log
+from tests.keras.test_sidecar import _finish, _spawn as spawn_role
 
 pytest.importorskip("s3fs", reason="keepbest[s3] is not installed")
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
 EXIT_BOUND = 25.0  # as in test_sidecar.py: how soon after training ended the evaluator exits at most
 LEASE_KEY = ".keepbest/evaluators/eval.json"
 
 
 def _spawn(role: str, url: str, log: Path, *args: str, ready=None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return spawn([sys.executable, str(HERE / "sidecar_procs.py"), role, url, str(log), *args],
-                 ready=ready, what=f"the {role} process", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    return text
+    return spawn_role(role, url, log, *args, ready=ready)  # type: ignore[arg-type]  (a URL in place of a folder)
 
 
 def _events(log: Path, kind: str) -> list[dict]:
@@ -150,7 +138,6 @@ def test_an_idle_evaluator_lists_the_bucket_once_per_poll_interval(s3, monkeypat
                                                 poll_interval=interval, verbose=0)
     started = time.monotonic()
     evaluator.start()
-    seconds = time.monotonic() - started
     assert evaluator.stop_reason == "no new checkpoint for 4 s (idle_timeout)"
     # After the first looks (its own lease record changes the listing once), until the idle timeout cuts
     # the last wait short.
