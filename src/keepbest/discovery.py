@@ -74,7 +74,7 @@ def first_verified(store: Store, candidates: Sequence[Checkpoint], *, wanted: st
     skipped: list[Exception] = list(failures)
     for candidate in candidates:
         try:
-            store.verify(candidate.manifest)
+            store.verified_reader(candidate.manifest)  # an object store keeps what it verified for the read
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
             if len(candidates) == 1 and not skipped:
                 raise

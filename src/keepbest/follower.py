@@ -193,8 +193,8 @@ class Follower:
             look = self._watch.wait(max(left, 0.0))  # a bucket is listed again only once it changed
 
     def verify(self, ckpt: Checkpoint) -> None:
-        """Re-hashes ``ckpt``'s files (raises as :meth:`keepbest.store.Store.verify` does)."""
-        self.store.verify(ckpt.manifest)
+        """Re-hashes ``ckpt``'s files (raises as :meth:`keepbest.store.Store.verify` does), ready to be read."""
+        self.store.verified_reader(ckpt.manifest)
 
     def replacing(self, ckpt: Checkpoint) -> bool:
         """Whether a live writer is half-way through saving ``ckpt``'s name again (a mismatch is not damage)."""

@@ -13,6 +13,7 @@ import pytest
 
 from keepbest import store as stores
 from keepbest.errors import CorruptCheckpointError, StorageError
+from keepbest.store._object_io import PART
 
 from .contract import V1, V2, StoreContract, commit_dir, commit_file, contents, listed
 
@@ -95,13 +96,13 @@ def test_a_re_save_commits_with_if_match_on_the_previous_manifest(store):
     assert contents(store, listed(store)[0]) == {"state.bin": b"second"}
 
 
-def test_requests_to_commit_do_not_grow_with_the_checkpoint(store):
+def test_requests_to_commit_do_not_grow_with_the_checkpoint_only_its_upload_parts_do(store):
     requests = Requests(store)
     commit_dir(store, "small", {"w.bin": b"x" * 1000})
     small = [op for op, _ in requests.take()]
-    commit_dir(store, "large", {"w.bin": bytes(40 * MIB)})  # three parts of 16 MiB
+    commit_dir(store, "large", {"w.bin": bytes(40 * MIB)})  # several parts
     large = [op for op, _ in requests.take()]
-    assert large.count("UploadPart") == 3
+    assert large.count("UploadPart") == -(-40 * MIB // PART) > 1
     # The one data PUT of the small checkpoint became one multipart upload; everything else is the same.
     multipart = ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload")
     assert Counter(op for op in large if op not in multipart) + Counter({"PutObject": 1}) == Counter(small)
@@ -262,3 +263,18 @@ def test_two_processes_committing_one_checkpoint_at_once_one_wins_the_other_is_r
     assert store.reader(m).read("state.bin")[:4] == winner.encode() * 4
     assert store.orphans().dead == [] and s3.uploads(store.url) == []
 
+
+
+def test_gc_removes_the_conditional_write_probe_of_a_writer_killed_while_checking(store, s3, dead_token):
+    store.bucket.put(f".keepbest/.keepbest-probe-{dead_token}-0a1b2c3d", b"probe")
+    assert len(store.orphans().dead) == 1
+    store.recover()
+    assert s3.keys(store.url) == []
+
+
+def test_gc_removes_the_files_of_a_re_saved_folder_that_a_killed_writer_left(store, s3, dead_token):
+    commit_dir(store, "best", V1)
+    store.bucket.put("best/.keepbest-gen-0a1b2c3d4e5f/state.bin", b"uploaded, never committed")
+    assert store.orphans().dead == [f"{store.url}/best/.keepbest-gen-0a1b2c3d4e5f/state.bin"]
+    store.recover()
+    assert sorted(s3.keys(store.url)) == sorted(f"best/{rel}" for rel in [*V1, "manifest.json"])

@@ -43,6 +43,7 @@ DELETING = ".keepbest-deleting-"
 LOCK = ".keepbest-records.lock"
 COMMITTING = ".keepbest-committing-"  # object stores: one writer per checkpoint name, from stage to commit
 GENERATION = ".keepbest-gen-"  # object stores: the files of a re-saved folder checkpoint
+PROBE = ".keepbest-probe-"  # object stores: the object that checks that conditional writes are honoured
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows filesystems
 TAIL = 40  # characters of the final name kept in a temp name (its extension decides the format)
 _RECORD_ROOM = NAME_MAX - len(".json") - 24  # room for the "-<time>-<random>" of a damaged copy

@@ -91,7 +91,7 @@ class ObjectStaged(Staged):
             raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
                              f"Received: rel={rel!r}")
         pieces = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else builtins.list(data)
-        size, computed = self.store.bucket.upload(self.data_key(rel), pieces)
+        size, computed = self.store.bucket.upload(self.data_key(rel), pieces, digest=digest)
         entry = FileEntry(path=rel, size=size, digest=computed)
         self.written.append(entry)
         return entry

@@ -19,7 +19,6 @@ from __future__ import annotations
 import builtins
 import errno
 import itertools
-import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,10 +27,12 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import fsspec.asyn
 
 from keepbest import _digest
+from keepbest.store import _names
 from keepbest.errors import StorageError
 
-PART = 16 << 20  # bytes per uploaded part (S3's minimum is 5 MiB, except for the last part)
-PARALLEL_PARTS = 4  # parts in flight at once: memory is about PART * (PARALLEL_PARTS + 1)
+PART = 8 << 20  # bytes per uploaded part (S3's minimum is 5 MiB, except for the last part)
+# Parts in flight at once. Memory is about 2 * PART * PARALLEL_PARTS + PART: aiohttp copies each body once more.
+PARALLEL_PARTS = 4
 READ_CHUNK = 8 << 20
 ACTIVE: set[tuple[str, str]] = set()  # (store url, commit lock key) held by a save of this process
 ACTIVE_LOCK = threading.Lock()
@@ -192,16 +193,17 @@ class Bucket:
 
     # -- uploads --------------------------------------------------------------------------------
     def upload(self, rel: str, pieces: Iterable[memoryview | bytes], *, before_visible: Any = None,
-               algorithm: str = _digest.DEFAULT) -> tuple[int, str]:
+               algorithm: str = _digest.DEFAULT, digest: str | None = None) -> tuple[int, str]:
         """Uploads the concatenation of ``pieces`` to ``rel``; returns (size, digest).
 
         Streamed as multipart (parts of :data:`PART`, a few in flight), hashed
         on the way. ``before_visible(size, digest)`` runs once every byte is
         uploaded and before the object appears (the multipart completion),
         so the caller can record an intent first. A failure aborts the upload.
+        A ``digest`` the caller already computed from the same bytes is not computed again.
         """
         self._check_conditions()
-        h = _digest.new(algorithm, threads=True)
+        h = _digest.new(algorithm, threads=True) if digest is None else None
         size, mpu = 0, None
         part: list[memoryview] = []  # views into the caller's buffers, joined once per part (one copy)
         filled = 0
@@ -210,7 +212,8 @@ class Bucket:
         try:
             for piece in pieces:
                 view = memoryview(piece).cast("B")
-                h.update(view)
+                if h is not None:
+                    h.update(view)
                 size += view.nbytes
                 while view.nbytes:
                     take = min(PART - filled, view.nbytes)
@@ -225,7 +228,7 @@ class Bucket:
                             next(f for f in futures if not f.done()).result()
                         futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, b"".join(part)))  # type: ignore[union-attr]
                         part, filled = [], 0
-            digest = str(h.hexdigest())
+            digest = str(h.hexdigest()) if h is not None else str(digest)
             if mpu is None:  # small: one PUT
                 if before_visible is not None:
                     before_visible(size, digest)
@@ -295,7 +298,7 @@ class Bucket:
         with self._lock:
             if self._checked or seen in _CHECKED:
                 return
-            probe = f".keepbest/.keepbest-probe-{os.urandom(6).hex()}"
+            probe = f"{_names.INDEX}/{_names.temp(_names.PROBE)}"  # its owner's token: gc removes a dead one's
             self.call("put_object", probe, "write", Body=b"probe")
             try:
                 self.call("put_object", probe, "write", Body=b"probe", IfNoneMatch="*")

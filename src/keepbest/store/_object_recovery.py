@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from keepbest.errors import CorruptCheckpointError
 from keepbest.manifest import Manifest
 from keepbest.store import _names
-from keepbest.store._names import COMMITTING, GENERATION, INDEX, MANIFEST
+from keepbest.store._names import COMMITTING, GENERATION, INDEX, MANIFEST, PROBE
 from keepbest.store._object_io import ACTIVE, Bucket, PreconditionFailed
 from keepbest.store.base import Listing, Orphans, Recovery
 
@@ -75,6 +75,14 @@ class ObjectRecovery:
                 if len(parts) > 2 and parts[0] == m.name and parts[1].startswith(GENERATION) \
                         and parts[1] != m.files_under:
                     out.dead.append(self.bucket.where(rel))
+        for rel in objects:  # conditional-write probes of writers killed before they removed them
+            owner = _names.owner(rel[len(INDEX) + 1 :], PROBE) if rel.startswith(f"{INDEX}/") else None
+            if owner is not None:
+                state = _names.liveness(owner)
+                if state == _names.DEAD:
+                    out.dead.append(self.bucket.where(rel))
+                elif state == _names.UNKNOWN:
+                    out.undecided.append(self.bucket.where(rel))
         uploads = [(key, uid) for key, uid in self.bucket.uploads() if key.split("/")[0] not in busy]
         out.dead += [f"{self.bucket.where(key)} (unfinished upload)" for key, _uid in uploads]
         out.stale = [d.manifest.name for d in listing.damaged if d.manifest is not None
@@ -94,7 +102,7 @@ class ObjectRecovery:
         for url in found.dead:
             if url.startswith(self.bucket.where(f"{INDEX}/{COMMITTING}")) or url.endswith("(unfinished upload)"):
                 continue
-            self.bucket.delete(url[len(self.bucket.where("")) :])
+            self.bucket.delete(url[len(self.bucket.where("")) + 1 :])  # the key below the prefix
             report.removed.append(url)
         for key, uid in uploads:
             self.bucket.abort(key, uid)

@@ -279,6 +279,14 @@ class Store(abc.ABC):
         was deleted or saved again meanwhile (it is gone, not damaged).
         """
 
+    def verified_reader(self, manifest: Manifest) -> Reader:
+        """A reader of ``manifest`` whose files were verified first (raises as :meth:`verify` does).
+
+        For a load: an object store verifies while it downloads into its read cache, so nothing is read twice.
+        """
+        self.verify(manifest)
+        return self.reader(manifest)
+
     @abc.abstractmethod
     def delete(self, manifest: Manifest) -> None:
         """Removes a committed checkpoint: un-commits it first, then removes its data."""

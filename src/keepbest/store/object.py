@@ -5,7 +5,8 @@ The keys mirror a local folder, so a bucket holds what a disk would:
 ``<name>/...`` with ``<name>/manifest.json`` (a keepbest folder checkpoint),
 and the records in ``.keepbest/``.
 
-Commit, with no rename and no copy of data (requests do not grow with the checkpoint):
+Commit, with no rename and no copy of data: the requests that commit (the lock, the manifest, the records)
+are the same for any size; uploading costs one PUT per small file, one multipart upload per larger one:
 
 1. ``stage`` takes the name's *commit lock*: ``.keepbest/.keepbest-committing-<hash>.json``, created with
    ``If-None-Match: *`` and naming its owner (host, PID namespace, pid, start time). A second writer of the
@@ -366,6 +367,14 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         now = self._committed(manifest.name, manifest.layout)
         return now is None or _identity(now[0]) != _identity(manifest) or \
             (manifest.layout == "file" and self.replacing(manifest.name))
+
+    def verified_reader(self, manifest: Manifest) -> ObjectReader:
+        """Downloads every file into the verified read cache (checked on the way), so a load reads each
+        object once: verifying, then reading from the bucket, would download it twice."""
+        reader = ObjectReader(self, manifest)
+        for f in manifest.files:
+            reader.fetch(f.path)
+        return reader
 
     def verify(self, manifest: Manifest) -> None:
         for f in manifest.files:
