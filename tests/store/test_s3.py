@@ -150,11 +150,11 @@ def test_a_bucket_that_does_not_exist_is_a_storage_error_naming_it(s3):
 # --- recovery of dead writers -------------------------------------------------------------------------
 
 
-def _dead_lock(store, name, layout, owner, intent=None):
+def _dead_lock(store, name, layout, owner, intent=None, replaces=None):
     from keepbest.store import _names
 
     doc = {"owner": owner, "name": name, "layout": layout, "created": 0.0,
-           "intent": None if intent is None else json.loads(intent.to_json())}
+           "intent": None if intent is None else json.loads(intent.to_json()), "replaces": replaces}
     store.bucket.put(f".keepbest/{_names.commit_lock(name)}", json.dumps(doc).encode())
 
 
@@ -173,10 +173,11 @@ def test_gc_rolls_forward_a_keras_file_whose_upload_completed_before_its_writer_
     assert contents(store, m) == {"state.bin": b"new"} and store.orphans().dead == []
 
 
-def test_gc_rolls_back_an_intent_whose_upload_never_completed(store, dead_token):
+def test_an_intent_whose_upload_never_completed_lists_the_previous_save_and_gc_rolls_it_back(store, dead_token):
     old = commit_file(store, "best.keras", b"old")
     new = old.__class__(**{**old.__dict__, "files": (old.files[0].__class__("best.keras", 3, _blake3(b"new")),)})
-    _dead_lock(store, "best.keras", "file", dead_token, intent=new)
+    _dead_lock(store, "best.keras", "file", dead_token, intent=new, replaces=store.bucket.head("best.keras")[1])
+    assert listed(store) == [old]  # the object still has the ETag the killed writer was about to replace
     report = store.recover()
     assert report.rolled_back == ["best.keras"] and listed(store) == [old]
     assert contents(store, old) == {"state.bin": b"old"}

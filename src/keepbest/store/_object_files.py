@@ -72,6 +72,7 @@ class ObjectStaged(Staged):
         self.files_under = files_under
         self.previous = previous  # the committed manifest of this name and its ETag, if any
         self.written: list[FileEntry] = []
+        self.intent: Manifest | None = None  # a Keras file's manifest, recorded in the lock before its upload completes
         self._local: Path | None = None
 
     def data_key(self, rel: str) -> str:

@@ -119,7 +119,7 @@ class ObjectRecovery:
         name, layout = str(doc.get("name", "")), str(doc.get("layout", ""))
         if _names.check_name(name) is None and layout in ("file", "dir"):
             if layout == "file":
-                self._settle_file(name, doc.get("intent"), report)
+                self._settle_file(name, doc.get("intent"), doc.get("replaces"), report)
             else:
                 self._settle_dir(name)
             for upload_key, uid in self.bucket.uploads():
@@ -132,7 +132,7 @@ class ObjectRecovery:
         if report is not None:
             report.removed.append(self.bucket.where(key))
 
-    def _settle_file(self, name: str, intent_doc: Any, report: Recovery | None) -> None:
+    def _settle_file(self, name: str, intent_doc: Any, replaces: Any, report: Recovery | None) -> None:
         intent = None
         if isinstance(intent_doc, dict):
             try:
@@ -144,8 +144,8 @@ class ObjectRecovery:
         if intent is not None and len(intent.files) == 1:
             f = intent.files[0]
             head = self.bucket.head(name)
-            matches = head is not None and head[0] == f.size and self.bucket.digest(name, f.algorithm) == (
-                f.size, f.digest)
+            matches = head is not None and head[1] != replaces and head[0] == f.size and \
+                self.bucket.digest(name, f.algorithm) == (f.size, f.digest)
         if matches and (committed is None or committed[0] != intent):
             assert intent is not None
             self.bucket.put(self.manifest_key(name, "file"), intent.to_json())

@@ -189,10 +189,9 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
 
     def commit(self, staged: Staged, manifest: Manifest) -> Manifest:
         s = _staged(staged)
-        visible = False
         try:
             if manifest.layout == "file":
-                manifest, visible = self._upload_file(s, manifest), True
+                manifest = self._upload_file(s, manifest)
             else:
                 entries = list(s.written) + [self._upload(s, rel, path) for rel, path in s.local_files()
                                              if rel != MANIFEST]
@@ -201,16 +200,21 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
                 manifest = replace(manifest, files_under=s.files_under)
             self._put_manifest(s, manifest)
         except BaseException:
-            if not visible:
+            if s.intent is None:  # nothing of the new save can be visible: undo it
                 self.discard(s)
                 raise
-            try:  # the new data replaced the old: the manifest must follow it (as recover would do)
-                self._put_manifest(s, manifest)
-            except BaseException:
+            # The upload may have replaced the object (its completion may have failed only on the way back):
+            # finish or undo the save from its intent now, as gc would; if that fails too, this process's next
+            # save of the name (or gc) does it.
+            try:
+                held = self.read_lock(s.lock[0])
+                if held is not None:
+                    self.settle(s.lock[0], held)
+            finally:
                 s.cleanup()
                 with _ACTIVE_LOCK:
-                    _ACTIVE.discard((self.url, s.lock[0]))  # our own later save settles the intent
-                raise
+                    _ACTIVE.discard((self.url, s.lock[0]))
+            raise
         s.cleanup()
         if s.previous is not None and s.previous[0].files_under != s.files_under:
             self._remove_files(s.previous[0])  # the re-saved folder's old files: no manifest names them now
@@ -236,9 +240,12 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
                     f"(the local file changed while it was uploaded). Received: size={size}, "
                     f"expected={manifest.files[0].size}")
             final = manifest.with_files((entry,))
+            # The ETag of the object being replaced: until it changes, the previous save is still whole there.
+            replaced = self.bucket.head(s.name) if s.previous is not None else None
             doc = {"owner": _names.owner_token(), "name": s.name, "layout": "file", "created": time.time(),
-                   "intent": json.loads(final.to_json())}
+                   "intent": json.loads(final.to_json()), "replaces": replaced[1] if replaced else None}
             s.lock = (s.lock[0], self.bucket.put(s.lock[0], json_bytes(doc), match=s.lock[1]))
+            s.intent = final
             out.append(final)
 
         self.bucket.upload(s.name, file_pieces(files[0][1]), before_visible=record_intent)
@@ -301,24 +308,29 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
             if layout == "dir" and m.name != shown:
                 m = replace(m, name=shown)
             problem = self._absent(m, objects)
-            if problem is None and layout == "file" and self._lock_key(m.name) in objects:
-                problem = self._being_replaced(m)
-                if problem == "":
+            if layout == "file" and self._lock_key(m.name) in objects:
+                replacing = self._being_replaced(m, objects.get(m.name, (0, ""))[1])
+                if replacing == "":
                     continue  # a live writer is replacing its data right now: the name is not readable this instant
+                problem = replacing or problem
             if problem is None:
                 out.manifests.append(m)
             elif not self.gone(m):
                 out.damaged.append(Damaged(m.name, problem, m))
         return out
 
-    def _being_replaced(self, m: Manifest) -> str | None:
-        """Whether the data of file checkpoint ``m`` may already be a newer save's (a lock with an intent):
-        "" while its writer lives, why it is unusable when the writer died, None when not."""
+    def _being_replaced(self, m: Manifest, etag: str) -> str | None:
+        """Whether the data of file checkpoint ``m`` (its object's ETag now: ``etag``) may already be a newer
+        save's (a lock with an intent, and the object changed since): "" while its writer lives, why it is
+        unusable when the writer died, None when not."""
         held = self.read_lock(m.name)
         intent = held[0].get("intent") if held is not None else None
         if not isinstance(intent, dict) or intent.get("files") == [
                 {"path": f.path, "size": f.size, f.algorithm: f.digest} for f in m.files]:
             return None
+        assert held is not None
+        if held[0].get("replaces") == etag:
+            return None  # the upload never completed: the object is still the one ``m`` describes
         owner = str(held[0].get("owner", "")) if held is not None else ""
         if _names.liveness(owner) != _names.DEAD and not (
                 owner == _names.owner_token() and (self.url, self._lock_key(m.name)) not in _ACTIVE):
