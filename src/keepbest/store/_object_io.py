@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import itertools
 import threading
 from collections import deque
@@ -28,11 +29,11 @@ import fsspec.asyn
 
 from keepbest import _digest
 from keepbest.store import _names
+from keepbest.store.base import BufferFile
 from keepbest.errors import StorageError
 
 PART = 8 << 20  # bytes per uploaded part (S3's minimum is 5 MiB, except for the last part)
-# Parts in flight at once. Memory is about 2 * PART * PARALLEL_PARTS + PART: aiohttp copies each body once more.
-PARALLEL_PARTS = 4
+PARALLEL_PARTS = 4  # parts in flight at once: memory is about PART * (PARALLEL_PARTS + 1) and the HTTP buffers
 READ_CHUNK = 8 << 20
 ACTIVE: set[tuple[str, str]] = set()  # (store url, commit lock key) held by a save of this process
 ACTIVE_LOCK = threading.Lock()
@@ -205,10 +206,31 @@ class Bucket:
         self._check_conditions()
         h = _digest.new(algorithm, threads=True) if digest is None else None
         size, mpu = 0, None
-        part: list[memoryview] = []  # views into the caller's buffers, joined once per part (one copy)
-        filled = 0
+        # PARALLEL_PARTS + 1 part buffers, reused: one is filled while the others are sent. A buffer is
+        # refilled only once its part is sent, so memory stays at these buffers whatever the size.
+        buffers: list[bytearray] = [bytearray(PART)]
+        sending: dict[int, Future[dict[str, Any]]] = {}  # buffer index -> its part's upload
+        current, filled = 0, 0
         pool: ThreadPoolExecutor | None = None
         futures: list[Future[dict[str, Any]]] = []
+
+        def send() -> None:
+            nonlocal mpu, pool, current
+            if mpu is None:
+                mpu = self.call("create_multipart_upload", rel, "upload")["UploadId"]
+                pool = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="keepbest-upload")
+                buffers.extend(bytearray(PART) for _ in range(PARALLEL_PARTS))
+            assert pool is not None
+            future = pool.submit(self._part, rel, mpu, len(futures) + 1, memoryview(buffers[current])[:filled])
+            futures.append(future)
+            sending[current] = future
+            free = [i for i in range(len(buffers)) if i not in sending]
+            if free:
+                current = free[0]
+            else:  # reuse the buffer of the oldest part once it is sent (its failure is raised here, early)
+                current = min(sending, key=lambda i: futures.index(sending[i]))
+                sending.pop(current).result()
+
         try:
             for piece in pieces:
                 view = memoryview(piece).cast("B")
@@ -217,25 +239,20 @@ class Bucket:
                 size += view.nbytes
                 while view.nbytes:
                     take = min(PART - filled, view.nbytes)
-                    part.append(view[:take])
+                    buffers[current][filled : filled + take] = view[:take]
                     filled += take
                     view = view[take:]
                     if filled == PART:
-                        if mpu is None:
-                            mpu = self.call("create_multipart_upload", rel, "upload")["UploadId"]
-                            pool = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="keepbest-upload")
-                        while sum(not f.done() for f in futures) >= PARALLEL_PARTS:
-                            next(f for f in futures if not f.done()).result()
-                        futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, b"".join(part)))  # type: ignore[union-attr]
-                        part, filled = [], 0
+                        send()
+                        filled = 0
             digest = str(h.hexdigest()) if h is not None else str(digest)
             if mpu is None:  # small: one PUT
                 if before_visible is not None:
                     before_visible(size, digest)
-                self.call("put_object", rel, "upload", Body=b"".join(part))
+                self.call("put_object", rel, "upload", Body=bytes(buffers[current][:filled]))
                 return size, digest
-            if part:
-                futures.append(pool.submit(self._part, rel, mpu, len(futures) + 1, b"".join(part)))  # type: ignore[union-attr]
+            if filled:
+                send()
             parts = [f.result() for f in futures]
             if before_visible is not None:
                 before_visible(size, digest)
@@ -249,8 +266,10 @@ class Bucket:
             if mpu is not None:
                 self.abort(rel, mpu)
 
-    def _part(self, rel: str, mpu: str, number: int, data: bytes) -> dict[str, Any]:
-        out = self.call("upload_part", rel, "upload", UploadId=mpu, PartNumber=number, Body=data)
+    def _part(self, rel: str, mpu: str, number: int, data: memoryview) -> dict[str, Any]:
+        # A file-like body is streamed by aiohttp; a bytes body would be copied once more (BytesIO.getbuffer).
+        body = io.BufferedReader(BufferFile(data))
+        out = self.call("upload_part", rel, "upload", UploadId=mpu, PartNumber=number, Body=body)
         return {"PartNumber": number, "ETag": out["ETag"]}
 
     def abort(self, rel: str, upload_id: str) -> None:

@@ -158,13 +158,13 @@ class Reader(abc.ABC):
 
     def open(self, rel: str) -> BinaryIO:
         """File ``rel`` as a seekable, read-only binary file (for readers such as ``zipfile`` and ``h5py``)."""
-        return io.BufferedReader(_BufferFile(self.buffer(rel)))
+        return io.BufferedReader(BufferFile(self.buffer(rel)))
 
     def has(self, rel: str) -> bool:
         return any(f.path == rel for f in self.manifest.files)
 
 
-class _BufferFile(io.RawIOBase):
+class BufferFile(io.RawIOBase):
     """A read-only file over a buffer (a memory map), without copying it."""
 
     def __init__(self, buffer: Any) -> None:
