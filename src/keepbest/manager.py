@@ -61,8 +61,9 @@ class CheckpointManager:
 
     Args:
         directory: where checkpoints live (created on the first save): a
-            local path, ``~/...`` or ``file://`` URL. A URL that no storage
-            backend serves (``s3://`` without ``keepbest[s3]``) raises
+            local path, ``~/...``, a ``file://`` URL or ``s3://bucket/prefix``.
+            A URL that no storage backend serves (``gs://``, or ``s3://``
+            without ``keepbest[s3]``) or a bucket that does not exist raises
             :class:`~keepbest.errors.StorageError` here, before anything is written.
         monitor: the metric that defines "best"; without it there is no best.
         keep: retention rules (``KeepLast``, ``KeepBest``), combined as a union.
@@ -81,7 +82,10 @@ class CheckpointManager:
             for them and raises what failed.
         dedup: reuse the files of a folder checkpoint whose bytes did not
             change since the previous checkpoint of the series, instead of
-            writing them again (a frozen backbone costs nothing).
+            writing them again (a frozen backbone costs nothing). Not on object
+            stores: sharing an object between checkpoints would need a copy.
+        storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
+            ``key``, ``secret``, ...); without them the AWS environment is used.
 
     Every commit is a version of the series (v0, v1, ...) with aliases
     ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)

@@ -52,6 +52,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             or optimizer changed (the report lists what was left as it was);
             by default any mismatch is an error.
         verbose: 1 prints one line on restore and on preemption; 0 is silent.
+        storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
+            ``key``, ``secret``, ...); without them the AWS environment is used.
 
     Example:
         >>> backup = BackupAndRestore("/tmp/backup", save_freq=100, save_before_preemption=True)

@@ -73,6 +73,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
             are still written on the training thread (Keras's writers read the
             live model); only their fsync, hashing and commit move to the
             background.
+        storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
+            ``key``, ``secret``, ...); without them the AWS environment is used.
 
     Example:
         >>> checkpoint = ModelCheckpoint("ckpt/epoch{epoch:02d}.keras", monitor="val_loss",

@@ -54,6 +54,10 @@ class SidecarEvaluator:
         lease_ttl: how long training's retention honours this evaluator's
             lease after its last heartbeat (e.g. after a ``kill -9``).
         verbose: 1 prints one line per evaluation; 0 is silent.
+        poll_interval: seconds between looks for a new checkpoint where file
+            events are missing; on a bucket each look is one LIST request.
+        storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
+            ``key``, ``secret``, ...); without them the AWS environment is used.
 
     Example:
         >>> SidecarEvaluator(model, (x_val, y_val), "checkpoints", max_evaluations=5).start()  # doctest: +SKIP
