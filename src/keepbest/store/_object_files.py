@@ -7,7 +7,10 @@ hashed on the way) to keys that no committed manifest references; a framework's 
 Reading goes through a *verified local cache*: each file is downloaded once per process (streamed,
 hashed on the way), kept only if its digest is the manifest's, and memory-mapped from local disk. A file
 that differs raises :class:`~keepbest.errors.CorruptCheckpointError` naming its URL. The cache is a
-temporary folder removed when the process exits (``KEEPBEST_CACHE_DIR`` chooses another place).
+temporary folder removed when the process exits (``KEEPBEST_CACHE_DIR`` chooses another place). It holds
+at most ``KEEPBEST_CACHE_BYTES`` (default 4 GiB) beyond the checkpoint being read: the least recently
+used files go first, so a sidecar that evaluates checkpoints for days does not fill the disk (a file
+removed while mapped stays readable through its mapping).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from keepbest.errors import CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest
@@ -29,6 +33,8 @@ from keepbest.store.base import Reader, Staged
 
 _CACHE: Path | None = None
 _CACHE_LOCK = threading.Lock()
+_LRU: "OrderedDict[Path, int]" = OrderedDict()  # cached files, least recently used first -> size
+DEFAULT_CACHE_BYTES = 4 << 30
 
 
 def _folder(kind: str) -> Path:
@@ -122,7 +128,7 @@ class ObjectReader(Reader):
 
     def __init__(self, store: Any, manifest: Manifest) -> None:
         self.store, self.manifest = store, manifest
-        self._view: Path | None = None
+        self._fetched: set[Path] = set()  # never evicted for another file of this checkpoint
 
     def _entry(self, rel: str) -> FileEntry:
         for f in self.manifest.files:
@@ -139,7 +145,10 @@ class ObjectReader(Reader):
     def fetch(self, rel: str) -> Path:
         """File ``rel`` in the local cache, downloaded (and verified) if it is not there yet."""
         entry = self._entry(rel)
-        return cached(self.store.bucket, self._key(rel), entry, lambda: self.store.gone(self.manifest))
+        path = cached(self.store.bucket, self._key(rel), entry, lambda: self.store.gone(self.manifest),
+                      keep=self._fetched)
+        self._fetched.add(path)
+        return path
 
     def buffer(self, rel: str) -> Any:
         with open(self.fetch(rel), "rb") as f:
@@ -150,17 +159,16 @@ class ObjectReader(Reader):
         return self.store.bucket.read_range(self._key(rel), offset, length)
 
     def local_path(self) -> Path:
-        if self._view is None:
-            view = scratch("views") / self.manifest.name
-            if self.manifest.layout == "file":
-                link(self.fetch(self.manifest.name), view)
-            else:
-                for f in self.manifest.files:
-                    (view / f.path).parent.mkdir(parents=True, exist_ok=True)
-                    link(self.fetch(f.path), view / f.path)
-                (view / "manifest.json").write_bytes(self.manifest.to_json())
-            self._view = view
-        return self._view
+        """The checkpoint under its own name, as symbolic links into the cache (made afresh each call)."""
+        view = scratch("views") / self.manifest.name
+        if self.manifest.layout == "file":
+            view.symlink_to(self.fetch(self.manifest.name))
+        else:
+            for f in self.manifest.files:
+                (view / f.path).parent.mkdir(parents=True, exist_ok=True)
+                (view / f.path).symlink_to(self.fetch(f.path))
+            (view / "manifest.json").write_bytes(self.manifest.to_json())
+        return view
 
     def where(self, rel: str | None = None) -> str:
         if rel is None:
@@ -171,13 +179,16 @@ class ObjectReader(Reader):
 _FETCHING: dict[str, threading.Lock] = {}
 
 
-def cached(bucket: Bucket, key: str, entry: FileEntry, gone: Callable[[], bool]) -> Path:
-    """The verified local copy of object ``key`` (``entry`` says what it must hold)."""
+def cached(bucket: Bucket, key: str, entry: FileEntry, gone: Callable[[], bool], keep: Iterable[Path] = ()
+           ) -> Path:
+    """The verified local copy of object ``key`` (``entry`` says what it must hold); ``keep``: files that
+    must stay cached (the rest of the checkpoint being read)."""
     path = _cache_dir() / f"{entry.algorithm}-{entry.digest}"
     with _CACHE_LOCK:
         lock = _FETCHING.setdefault(str(path), threading.Lock())
     with lock:
         if path.is_file():
+            _used(path, entry.size, keep)
             return path
         tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.part")
         try:
@@ -198,7 +209,24 @@ def cached(bucket: Bucket, key: str, entry: FileEntry, gone: Callable[[], bool])
         finally:
             if tmp.exists():
                 tmp.unlink()
+        _used(path, entry.size, keep)
     return path
+
+
+def _used(path: Path, size: int, keep: Iterable[Path]) -> None:
+    """Marks ``path`` just used, then removes the least recently used files beyond the cache's budget."""
+    budget = int(os.environ.get("KEEPBEST_CACHE_BYTES") or DEFAULT_CACHE_BYTES)
+    spared = {path, *keep}
+    with _CACHE_LOCK:
+        _LRU[path] = size
+        _LRU.move_to_end(path)
+        total = sum(_LRU.values())
+        for old in list(_LRU):
+            if total <= budget:
+                break
+            if old not in spared:
+                total -= _LRU.pop(old)
+                old.unlink(missing_ok=True)
 
 
 def missing(bucket: Bucket, key: str, gone: Callable[[], bool]) -> Exception:
