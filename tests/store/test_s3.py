@@ -279,3 +279,18 @@ def test_gc_removes_the_files_of_a_re_saved_folder_that_a_killed_writer_left(sto
     assert store.orphans().dead == [f"{store.url}/best/.keepbest-gen-0a1b2c3d4e5f/state.bin"]
     store.recover()
     assert sorted(s3.keys(store.url)) == sorted(f"best/{rel}" for rel in [*V1, "manifest.json"])
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_anything_is_committed(s3):
+    from tests.s3 import IgnoringConditions
+
+    proxy = IgnoringConditions(s3.endpoint)
+    try:
+        url = s3.url("unconditional")
+        store = stores.open(url, storage_options={"endpoint_url": proxy.endpoint})
+        with pytest.raises(StorageError, match=r"Cannot use s3://kbest/unconditional-.*: the server ignores "
+                                               r"conditional writes .* Received: s3://"):
+            commit_dir(store, "ckpt-1", V1)
+        assert s3.keys(url) == []  # neither the probe nor anything of the checkpoint is left
+    finally:
+        proxy.stop()
