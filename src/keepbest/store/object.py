@@ -14,7 +14,10 @@ are the same for any size; uploading costs one PUT per small file, one multipart
 2. Data objects are uploaded (multipart, streamed, BLAKE3 computed on the way) to keys no committed
    manifest references: a new name's own keys, or for a re-saved folder checkpoint a fresh sub-folder
    (``files_under``). A Keras file re-saved under its name is overwritten in place, as on disk: its
-   manifest, size and digest are first written into the lock as the *intent*, then the upload completes.
+   manifest, size and digest, and the ETag of the object it replaces, are first written into the lock as
+   the *intent*, then the upload completes. Until the object's ETag changes, readers still list the
+   previous save; after, a live writer's name is skipped for that instant and a dead one's is damaged
+   until ``gc``.
 3. The manifest is written with one conditional PUT (``If-None-Match: *`` for a new name, ``If-Match``
    on the previous manifest's ETag for a re-save): the commit. The lock is deleted.
 
