@@ -289,23 +289,19 @@ class Bucket:
                 return out
             kw.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
 
-    def download(self, rel: str, dest: BinaryIO, algorithm: str = _digest.DEFAULT) -> tuple[int, str]:
-        """Writes the object into ``dest``; returns (size, digest) computed on the way."""
+    def download(self, rel: str, dest: BinaryIO | None, algorithm: str = _digest.DEFAULT) -> tuple[int, str]:
+        """Writes the object into ``dest`` (None: only hashes it); returns (size, digest) computed on the way."""
         h = _digest.new(algorithm, threads=True)
         size = 0
         for chunk in self.stream(rel):
             h.update(chunk)
-            dest.write(chunk)
+            if dest is not None:
+                dest.write(chunk)
             size += len(chunk)
         return size, str(h.hexdigest())
 
     def digest(self, rel: str, algorithm: str = _digest.DEFAULT) -> tuple[int, str]:
-        h = _digest.new(algorithm, threads=True)
-        size = 0
-        for chunk in self.stream(rel):
-            h.update(chunk)
-            size += len(chunk)
-        return size, str(h.hexdigest())
+        return self.download(rel, None, algorithm)
 
     # -- the one check ----------------------------------------------------------------------------
     def _check_conditions(self) -> None:

@@ -273,10 +273,11 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         lock = self._acquire(manifest.name, manifest.layout)
         try:
             self.bucket.delete(self.manifest_key(manifest.name, manifest.layout))  # un-commit first
-            self._remove_files(manifest)
-            if manifest.layout == "dir":
+            if manifest.layout == "dir":  # its files, and anything a killed writer left beside them
                 for rel in self.bucket.listing(f"{manifest.name}/"):
                     self.bucket.delete(rel)
+            else:
+                self._remove_files(manifest)
         finally:
             self._release(lock)
 
