@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -86,6 +87,10 @@ def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
 
 
 SHARDS_KEY = "keepbest.shards"
+PIECES_KEY = "keepbest.pieces"
+"""Metadata of a file saved by many processes: JSON ``{path: whole shape}`` of the variables stored as pieces
+(each piece named by the slice of the whole it covers, ``dense/kernel[0:4,0:8]``), put together on reading."""
+_PIECE = re.compile(r"^(?P<path>.+)\[(?P<slices>\d+:\d+(?:,\d+:\d+)*)\]$")
 SHARD_MIN_BYTES = 1 << 20  # a tensor this large gets a shard file of its own group
 SHARD_MAX_BYTES = 64 << 20  # a shard is cut here, so one changed tensor rewrites at most this much more
 
@@ -238,7 +243,22 @@ def load(open_buffer: Callable[[str], Any], rel: str, where: Where = str) -> dic
         if clash:
             raise _corrupt(where(shard), f"tensor '{clash[0]}' is stored twice (shards overlap)", f"names={clash[:5]}")
         out.update(_map(s_buf, s_entries, s_start))
+    if PIECES_KEY in meta:
+        out = assemble(out, _pieces(rel, meta, where), where(rel))
     return out
+
+
+def _pieces(rel: str, meta: Mapping[str, str], where: Where) -> dict[str, list[int]]:
+    try:
+        doc = json.loads(meta[PIECES_KEY])
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not all(
+            isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in s)
+            for s in doc.values()):
+        raise _corrupt(where(rel), f"'{PIECES_KEY}' must map variable paths to shapes",
+                       f"{PIECES_KEY}={meta[PIECES_KEY]!r:.120}")
+    return doc
 
 
 def shards_of(metadata: Mapping[str, str], rel: str, where: Where = str) -> list[str]:
@@ -277,3 +297,43 @@ def _corrupt(path: str, why: str, received: str) -> CorruptCheckpointError:
         f"Cannot read tensors from {path}: {why}. The file is damaged or not a safetensors "
         f"file; load another checkpoint. Received: {received}"
     )
+
+
+def piece_name(path: str, index: Any) -> str:
+    """The tensor name of the piece ``index`` (``(start, stop)`` per dimension) of variable ``path``."""
+    return f"{path}[{','.join(f'{a}:{b}' for a, b in index)}]"
+
+
+def assemble(tensors: dict[str, np.ndarray], pieces: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
+    """``tensors`` with the pieces of each variable in ``pieces`` (``{path: whole shape}``) put together."""
+    found: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
+    for name in tensors:
+        m = _PIECE.match(name)
+        if m and m["path"] in pieces:
+            index = tuple(tuple(int(x) for x in s.split(":")) for s in m["slices"].split(","))
+            found.setdefault(m["path"], []).append((name, index))  # type: ignore[arg-type]
+    used = {name for parts in found.values() for name, _ in parts}
+    out = {k: v for k, v in tensors.items() if k not in used}
+    for path, shape in pieces.items():
+        parts = found.get(path, [])
+        if not parts:
+            raise _corrupt(where, f"variable '{path}' is listed as saved in pieces, but no piece of it is stored",
+                           f"{PIECES_KEY} lists {path}")
+        first = tensors[parts[0][0]]
+        whole = np.empty(tuple(shape), first.dtype)
+        covered = np.zeros(tuple(shape), np.uint8)
+        for name, index in parts:
+            piece = tensors[name]
+            if len(index) != len(shape) or any(not 0 <= a <= b <= n for (a, b), n in zip(index, shape)) \
+                    or piece.shape != tuple(b - a for a, b in index) or piece.dtype != first.dtype:
+                raise _corrupt(where, f"piece '{name}' does not fit variable '{path}' of shape {list(shape)}",
+                               f"shape={list(piece.shape)}")
+            region = tuple(slice(a, b) for a, b in index)
+            whole[region] = piece
+            covered[region] += 1
+        if not (covered == 1).all():
+            raise _corrupt(where, f"the pieces of variable '{path}' do not cover it exactly once "
+                           f"({int((covered == 0).sum())} elements missing, {int((covered > 1).sum())} twice)",
+                           f"pieces={[n for n, _ in parts][:5]}")
+        out[path] = whole
+    return out

@@ -38,3 +38,8 @@ class MonitorError(KeepbestError, ValueError):
 
 class PublishError(KeepbestError, RuntimeError):
     """Publishing checkpoints to a remote tracker (W&B, MLflow) failed; the local checkpoints are intact."""
+
+
+class CoordinationError(KeepbestError, RuntimeError):
+    """Processes saving one checkpoint together lost each other (a process died, hung or failed);
+    nothing was committed."""

@@ -21,14 +21,15 @@ import platform
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from keepbest import codec, evaluation, history, store as stores
+from keepbest import codec, evaluation, history, multiprocess, store as stores
 from keepbest._version import __version__
 from keepbest.checkpoint import Checkpoint, best_by, bests, in_commit_order
 from keepbest.discovery import first_verified
+from keepbest.distributed import Coordinator, Solo
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord
 from keepbest.payload import Payload, TensorPayload
@@ -86,6 +87,13 @@ class CheckpointManager:
             stores: sharing an object between checkpoints would need a copy.
         storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
             ``key``, ``secret``, ...); without them the AWS environment is used.
+        coordinator: for training in several processes, how they reach each
+            other (:class:`keepbest.distributed.TorchCoordinator`,
+            :class:`keepbest.distributed.JaxCoordinator`). Every process then
+            calls the same saves with the tensors it holds; each tensor is
+            written once, by one process, and process 0 commits one manifest
+            and alone prunes, moves aliases and publishes. The directory must
+            be the same folder for all (a shared filesystem) or a bucket URL.
 
     Every commit is a version of the series (v0, v1, ...) with aliases
     ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)
@@ -102,7 +110,7 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
                  keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
                  publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None) -> None:
         if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
             raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
         if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
@@ -113,7 +121,12 @@ class CheckpointManager:
         if not isinstance(series, str) or not series:
             raise ValueError(f"series must be a non-empty string (it names the checkpoints this manager owns). "
                              f"Received: series={series!r}")
+        if coordinator is not None and not isinstance(coordinator, Coordinator):
+            raise TypeError("coordinator must be a keepbest.distributed coordinator (TorchCoordinator, JaxCoordinator) "
+                            f"or None. Received: coordinator={coordinator!r}")
         self.store = stores.open(directory, storage_options)
+        self.coordinator = coordinator or Solo()
+        self.channel = self.coordinator.channel(f"{self.store.url}#{series}") if self.coordinator.size > 1 else None
         self.monitor = monitor
         self.keep = tuple(keep)
         self.series = series
@@ -122,11 +135,17 @@ class CheckpointManager:
         self.publisher: PublishQueue | None = publishers if isinstance(publishers, PublishQueue) else (
             PublishQueue(list(publishers)) if publishers else None)
         self.dedup = dedup
-        self.recovery = self.store.recover() if self.store.exists() else None
+        # Process 0 alone cleans up: the others' staged files are its own save's.
+        self.recovery = self.store.recover() if self.committer and self.store.exists() else None
         if self.recovery is not None and self.recovery.undecided:
             log.warning("keepbest: left %d file(s) in %s whose writer may still run on another host or in another "
                         "PID namespace: %s. Remove them by hand once no keepbest process writes there.",
                         len(self.recovery.undecided), self.store.where(), ", ".join(self.recovery.undecided[:5]))
+
+    @property
+    def committer(self) -> bool:
+        """Whether this process commits (always, with one process; process 0 of several)."""
+        return self.coordinator.rank == 0
 
     @property
     def directory(self) -> Path:
@@ -173,6 +192,9 @@ class CheckpointManager:
         version, retention keeps that version.
         """
         self.writer.wait()
+        if not self.committer:
+            raise RuntimeError(f"promote() moves aliases, which only process 0 does (this is "
+                               f"{self.coordinator.describe()}). Call it on process 0. Received: alias={alias!r}")
         target = self.index.promote(self._mine(), str(version), alias)
         self._publish(None, self.index.current(self._mine()), ())
         return next(c for c in self.checkpoints() if c.name == target.name)
@@ -180,6 +202,9 @@ class CheckpointManager:
     def demote(self, alias: str) -> None:
         """Removes the user alias ``alias``; its version is then subject to retention again."""
         self.writer.wait()
+        if not self.committer:
+            raise RuntimeError(f"demote() moves aliases, which only process 0 does (this is "
+                               f"{self.coordinator.describe()}). Call it on process 0. Received: alias={alias!r}")
         record = self.index.demote(self._mine(), alias)
         self._publish(None, record, ())
 
@@ -336,10 +361,13 @@ class CheckpointManager:
             tensors = self.writer.staging.snapshot({STATE_FILE: state})[STATE_FILE] if snapshot else state
             state = TensorPayload({STATE_FILE: tensors}, detached=True)
         payload = state
+        monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
+        if self.channel is not None:
+            return self.writer.submit(self.store.where(name), self._together(manifest, payload, snapshot,
+                                                                              monitor, keep))
         written: tuple[Staged, tuple[FileEntry, ...]] | None = None
         if not payload.detached:  # it reads live state: write now, commit in the background
             written = self._write(name, self._deduplicated(payload, self._mine()))
-        monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
 
         def persist() -> Checkpoint:
             # The listing, the version number and the write run here, off the training thread.
@@ -351,20 +379,51 @@ class CheckpointManager:
                 self.store.discard(staged)
                 raise
             committed = self.store.commit(staged, replace(manifest, version=version).with_files(entries))
-            replaced = [m for m in before if m.name == name and m.version != committed.version]
-            events = [history.deleted(m, "replaced by a new save under the same name") for m in replaced]
-            events.append(history.committed(committed))
-            kept, record, gone = self._apply_retention(self._mine(), monitor, keep, protect={name}, events=events)
-            history.append(self.store, self.series, events)
-            if self.publisher is not None:
-                snap = self.store.snapshot(committed)
-                published = Version(version, self.series, committed, snap, tuple(record.of(version)))
-                self.publisher.put(events_for(self.series, published, record.all, [*gone, *replaced],
-                                              release=lambda: self.store.release(snap)))
-            return next((c for c in self._as_checkpoints(kept, monitor, record) if c.name == name),
-                        self._checkpoint(committed))
+            return self._after_commit(committed, before, monitor, keep)
 
         return self.writer.submit(self.store.where(name), persist)
+
+    def _together(self, manifest: Manifest, payload: Payload, snapshot: bool, monitor: Monitor | None,
+                  keep: Sequence[KeepRule]) -> Callable[[], Checkpoint]:
+        """The save of one checkpoint by every process (see :mod:`keepbest.multiprocess`)."""
+        if not isinstance(payload, TensorPayload) or payload.layout != "dir":
+            raise ValueError(
+                f"Cannot save {manifest.name} from {self.coordinator.size} processes: only tensors saved as a keepbest "
+                f"folder can be written by several processes, not a '{payload.format}' {payload.layout}. Save a "
+                f"mapping of arrays or a TensorPayload. Received: {type(payload).__name__}")
+        if snapshot and not payload.detached:
+            raise ValueError(f"Cannot save {manifest.name} in the background from {self.coordinator.size} processes: "
+                             "the payload reads live state. Pass a snapshot (detached=True) or call save(). "
+                             f"Received: detached={payload.detached}")
+        assert self.channel is not None
+        channel = self.channel
+
+        def persist() -> Checkpoint:
+            committed, before = multiprocess.commit_together(
+                channel, self.store, manifest, payload, listing=self._mine, reserve=self.index.reserve,
+                base=self._dedup_base)
+            if not self.committer:
+                return self._checkpoint(committed)
+            return self._after_commit(committed, before, monitor, keep)
+
+        return persist
+
+    def _after_commit(self, committed: Manifest, before: list[Manifest], monitor: Monitor | None,
+                      keep: Sequence[KeepRule]) -> Checkpoint:
+        """History, retention, aliases and publishing of a commit (process 0 only)."""
+        name, version = committed.name, committed.version
+        replaced = [m for m in before if m.name == name and m.version != version]
+        events = [history.deleted(m, "replaced by a new save under the same name") for m in replaced]
+        events.append(history.committed(committed))
+        kept, record, gone = self._apply_retention(self._mine(), monitor, keep, protect={name}, events=events)
+        history.append(self.store, self.series, events)
+        if self.publisher is not None and version is not None:
+            snap = self.store.snapshot(committed)
+            published = Version(version, self.series, committed, snap, tuple(record.of(version)))
+            self.publisher.put(events_for(self.series, published, record.all, [*gone, *replaced],
+                                          release=lambda: self.store.release(snap)))
+        return next((c for c in self._as_checkpoints(kept, monitor, record) if c.name == name),
+                    self._checkpoint(committed))
 
     def _apply_retention(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
                          protect: set[str], events: list[dict[str, Any]]
@@ -388,19 +447,25 @@ class CheckpointManager:
 
     def _deduplicated(self, payload: Payload, mine: Sequence[Manifest]) -> Payload:
         """``payload`` with the newest folder checkpoint as the base its unchanged files are reused from."""
-        folders = [m for m in mine if m.layout == "dir"]
-        if not (self.dedup and folders and isinstance(payload, TensorPayload) and payload.base is None):
+        base = self._dedup_base(mine)
+        if base is None or not isinstance(payload, TensorPayload) or payload.base is not None:
             return payload
-        return replace(payload, base=max(folders, key=lambda m: (m.created, m.name)))
+        return replace(payload, base=base)
+
+    def _dedup_base(self, mine: Sequence[Manifest]) -> Manifest | None:
+        folders = [m for m in mine if m.layout == "dir"]
+        return max(folders, key=lambda m: (m.created, m.name)) if self.dedup and folders else None
 
     def mark_training_end(self) -> None:
         """Tells sidecar evaluators that this series is complete; waits for the save in flight first."""
         self.writer.wait()
-        evaluation.mark_training_end(self.store, self.series)
+        if self.committer:
+            evaluation.mark_training_end(self.store, self.series)
 
     def clear_training_end(self) -> None:
         """Training of this series (re)starts: evaluators wait for its checkpoints again."""
-        evaluation.clear_training_end(self.store, self.series)
+        if self.committer:
+            evaluation.clear_training_end(self.store, self.series)
 
     def _write(self, name: str, payload: Payload) -> tuple[Staged, tuple[FileEntry, ...]]:
         staged = self.store.stage(name, payload.layout)
@@ -411,8 +476,10 @@ class CheckpointManager:
             raise
 
     def prune(self) -> list[str]:
-        """Deletes this series' checkpoints that no retention rule keeps; returns their names."""
+        """Deletes this series' checkpoints that no retention rule keeps; returns their names (process 0 deletes)."""
         self.writer.wait()
+        if not self.committer:
+            return []
         events: list[dict[str, Any]] = []
         _kept, record, gone = self._apply_retention(self._mine(), self.monitor, self.keep, set(), events)
         history.append(self.store, self.series, events)
@@ -420,9 +487,12 @@ class CheckpointManager:
         return [m.name for m in gone]
 
     def delete_all(self) -> list[str]:
-        """Deletes every checkpoint of this series, its records and, if nothing else is left, the folder."""
+        """Deletes every checkpoint of this series, its records and, if nothing else is left, the folder
+        (process 0 deletes)."""
         self.writer.wait()
         gone = in_commit_order(self._mine())
+        if not self.committer:
+            return [m.name for m in gone]
         for m in gone:
             self.store.delete(m)
         self.index.forget()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+import posixpath
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -77,6 +78,10 @@ class TensorPayload:
     """Per file, tensor name -> group label; shards never mix groups."""
     base: Manifest | None = None
     """A committed folder checkpoint whose unchanged files may be reused."""
+    pieces: Mapping[str, Mapping[str, Sequence[int]]] | None = None
+    """Per file, the variables this process holds as pieces (named by ``codec.piece_name``): path -> whole shape."""
+    process_json: Mapping[str, Any] | None = None
+    """JSON files whose content differs per process (RNG states): process ``r`` > 0 writes ``name.p<r>.json``."""
 
     def write(self, staged: Staged) -> tuple[FileEntry, ...]:
         entries = []
@@ -92,9 +97,58 @@ class TensorPayload:
                                                    base.get(shard)))
             entries.append(self._write_or_link(staged, fname, codec.encode({k: tensors[k] for k in main}, metadata),
                                                base.get(fname)))
-        for fname, doc in (self.json_files or {}).items():
-            entries.append(staged.write(fname, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")))
+        entries.extend(self._write_json(staged, 0))
         return tuple(sorted(entries, key=lambda e: e.path))
+
+    def _write_json(self, staged: Staged, rank: int) -> list[FileEntry]:
+        docs = {**(self.json_files or {})} if rank == 0 else {}
+        docs.update({process_file(f, rank): doc for f, doc in (self.process_json or {}).items()})
+        return [staged.write(f, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")) for f, doc in docs.items()]
+
+    # -- written by many processes (see keepbest.manager and keepbest.distributed) ------------------
+    def held(self) -> dict[str, dict[str, list[Any]]]:
+        """What this process holds: per file, tensor name -> [shape, dtype code, bytes]."""
+        out: dict[str, dict[str, list[Any]]] = {}
+        for fname, tensors in self.tensors.items():
+            out[fname] = {}
+            for name, arr in tensors.items():
+                a = np.asarray(arr) if not hasattr(arr, "dtype") else arr
+                out[fname][name] = [list(a.shape), codec.dtype_code(a.dtype), int(a.nbytes)]
+        return out
+
+    def write_part(self, staged: Staged, rank: int, owned: Mapping[str, Sequence[str]]
+                   ) -> tuple[list[FileEntry], dict[str, list[str]]]:
+        """Writes the tensors process ``rank`` owns into shard files of its own (and its per-process JSON);
+        returns their entries and, per file, the shard file names."""
+        entries: list[FileEntry] = []
+        shards: dict[str, list[str]] = {}
+        base = {e.path: e for e in self.base.files} if self.base is not None else {}
+        for fname, tensors in self.tensors.items():
+            mine = {k: tensors[k] for k in owned.get(fname, ())}
+            _main, groups = codec.plan_shards(mine, (self.groups or {}).get(fname), min_bytes=0)
+            stem = fname[: -len(".safetensors")] if fname.endswith(".safetensors") else fname
+            names = [codec.shard_name(f"{stem}-p{rank:05d}", i + 1) for i in range(len(groups))]
+            folder = posixpath.dirname(fname)
+            for shard, members in zip(names, groups):
+                rel = posixpath.join(folder, shard)
+                entries.append(self._write_or_link(staged, rel, codec.encode({k: mine[k] for k in members}),
+                                                   base.get(rel)))
+            shards[fname] = names
+        entries.extend(self._write_json(staged, rank))
+        return entries, shards
+
+    def write_index(self, staged: Staged, shards: Mapping[str, Sequence[str]],
+                    pieces: Mapping[str, Mapping[str, Sequence[int]]]) -> list[FileEntry]:
+        """The committer's last write: each file as an index of every process's shards (with the whole
+        shapes of the variables saved as pieces)."""
+        entries = []
+        for fname in self.tensors:
+            metadata = dict((self.metadata or {}).get(fname) or {})
+            metadata[codec.SHARDS_KEY] = json.dumps(list(shards.get(fname, ())))
+            if pieces.get(fname):
+                metadata[codec.PIECES_KEY] = json.dumps({p: list(s) for p, s in sorted(pieces[fname].items())})
+            entries.append(staged.write(fname, codec.encode({}, metadata).pieces))
+        return entries
 
     def _write_or_link(self, staged: Staged, rel: str, encoded: codec.Encoded,
                        previous: FileEntry | None) -> FileEntry:
@@ -105,3 +159,45 @@ class TensorPayload:
             if digest == previous.digest and self.base is not None and staged.link(rel, self.base, previous):
                 return FileEntry(path=rel, size=encoded.size, digest=digest)
         return staged.write(rel, encoded.pieces, digest)
+
+
+def process_file(fname: str, rank: int) -> str:
+    """The name of process ``rank``'s copy of a per-process file (``training.json`` -> ``training.p00001.json``)."""
+    if rank == 0:
+        return fname
+    stem, dot, ext = fname.rpartition(".")
+    return f"{stem}.p{rank:05d}.{ext}" if dot else f"{fname}.p{rank:05d}"
+
+
+def owners(held: Sequence[Mapping[str, Mapping[str, Sequence[Any]]]]) -> list[dict[str, list[str]]]:
+    """Per process (in process order), per file, the tensors it writes.
+
+    ``held[r]`` is what process ``r`` holds: ``{file: {name: [shape, dtype, bytes]}}``.
+    Raises ValueError when two processes hold one name with different shapes or dtypes.
+    """
+    holders: dict[tuple[str, str], list[int]] = {}
+    specs: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for rank, files in enumerate(held):
+        for fname, tensors in files.items():
+            for name, spec in tensors.items():
+                key = (fname, name)
+                shape, dtype, nbytes = spec
+                if key in specs and specs[key] != (list(shape), dtype, nbytes):
+                    other = holders[key][0]
+                    raise ValueError(
+                        f"Cannot save tensor '{name}' of {fname}: process {other} holds it with shape/dtype "
+                        f"{specs[key][0]}/{specs[key][1]} and process {rank} with {list(shape)}/{dtype}. A tensor "
+                        "held by several processes must be the same replicated tensor; name per-process shards "
+                        f"apart (e.g. with the process index). Received: {name}")
+                specs[key] = (list(shape), dtype, nbytes)
+                holders.setdefault(key, []).append(rank)
+    load = [0] * len(held)
+    out: list[dict[str, list[str]]] = [{fname: [] for fname in files} for files in held]
+    for key in sorted(specs, key=lambda k: (-specs[k][2], k)):
+        rank = min(holders[key], key=lambda r: (load[r], r))
+        load[rank] += specs[key][2]
+        out[rank].setdefault(key[0], []).append(key[1])
+    for mine in out:
+        for names in mine.values():
+            names.sort()
+    return out

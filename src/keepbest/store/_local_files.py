@@ -72,6 +72,9 @@ class LocalStaged(Staged):
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.path.parent).free
 
+    def handle(self) -> dict[str, Any]:
+        return {"name": self.name, "layout": self.layout, "path": str(self.path)}
+
 
 class LocalReader(Reader):
     """Reads a committed checkpoint of :class:`LocalStore` (files memory-mapped)."""

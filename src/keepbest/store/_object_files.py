@@ -79,6 +79,7 @@ class ObjectStaged(Staged):
         self.previous = previous  # the committed manifest of this name and its ETag, if any
         self.written: list[FileEntry] = []
         self.intent: Manifest | None = None  # a Keras file's manifest, recorded in the lock before its upload completes
+        self.shared = False  # other processes write into it too (handle() was given out)
         self._local: Path | None = None
 
     def data_key(self, rel: str) -> str:
@@ -108,6 +109,10 @@ class ObjectStaged(Staged):
 
     def free_bytes(self) -> int | None:
         return None
+
+    def handle(self) -> dict[str, Any]:
+        self.shared = True
+        return {"name": self.name, "layout": self.layout, "files_under": self.files_under, "lock": list(self.lock)}
 
     def local_files(self) -> list[tuple[str, Path]]:
         """Files a framework wrote into :meth:`local_path` (relative name, path)."""

@@ -157,6 +157,13 @@ class ObjectRecovery:
         if committed is None and self.bucket.head(name) is not None:
             self.bucket.delete(name)  # uploaded by the dead writer, never committed
 
+    def settle_leftovers(self, name: str) -> None:
+        """Removes what no manifest of folder checkpoint ``name`` references, and aborts its uploads."""
+        self._settle_dir(name)
+        for upload_key, uid in self.bucket.uploads():
+            if upload_key.startswith(f"{name}/"):
+                self.bucket.abort(upload_key, uid)
+
     def _settle_dir(self, name: str) -> None:
         committed = self._committed(name, "dir")
         keep = set()

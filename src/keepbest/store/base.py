@@ -131,6 +131,12 @@ class Staged(abc.ABC):
     def free_bytes(self) -> int | None:
         """Free space where the data is written, None where unbounded or unknown."""
 
+    def handle(self) -> dict[str, Any]:
+        """A JSON-able description of this staged entry, for :meth:`Store.join` in another process (that
+        writes files of its own into it: many processes, one commit). Discarding it then also removes
+        what the other processes wrote."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be shared with other processes")
+
 
 class Reader(abc.ABC):
     """Reads the files of one committed checkpoint."""
@@ -260,6 +266,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def discard(self, staged: Staged) -> None:
         """Removes a staged entry that will not be committed."""
+
+    def join(self, handle: Mapping[str, Any]) -> Staged:
+        """The ``dir`` entry that another process staged (:meth:`Staged.handle`), to write files into.
+
+        Only its stager commits or discards it; the files written here go in
+        its manifest when the stager lists them.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write into another process's staged entry")
 
     @abc.abstractmethod
     def list(self) -> Listing:

@@ -52,7 +52,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
@@ -116,6 +116,21 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
 
     def discard(self, staged: Staged) -> None:
         _fs.remove(local_staged(staged).path)
+
+    def join(self, handle: Mapping[str, Any]) -> LocalStaged:
+        name, path = str(handle.get("name", "")), Path(str(handle.get("path", "")))
+        self.check_name(name)
+        if handle.get("layout") != "dir" or path.parent != self._target(name).parent or \
+                not path.name.startswith(TMP):
+            raise ValueError(f"Cannot write into staged entry {path}: it is not a folder that {self.root} stages "
+                             f"for checkpoint {name!r} (the processes must save to the same folder). "
+                             f"Received: handle={dict(handle)!r}")
+        if not path.is_dir():
+            raise StorageError(errno.ENOENT, f"Cannot write into staged entry {path}: it does not exist here. All "
+                               "processes must see the same folder (a shared filesystem) to save one checkpoint "
+                               f"together; use a shared path or an s3:// URL. Received: handle={dict(handle)!r}",
+                               str(path))
+        return LocalStaged(self, name, "dir", path)
 
     def commit(self, staged: Staged, manifest: Manifest) -> Manifest:
         path = local_staged(staged).path

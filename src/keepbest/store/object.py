@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store import _names
-from keepbest.store._names import INDEX, MANIFEST, RESERVED
+from keepbest.store._names import COMMITTING, GENERATION, INDEX, MANIFEST, RESERVED
 from keepbest.store._object_files import ObjectReader, ObjectStaged, cached, file_pieces, link, missing, scratch
 from keepbest.store._object_io import ACTIVE as _ACTIVE, ACTIVE_LOCK as _ACTIVE_LOCK, Bucket, PreconditionFailed
 from keepbest.store._object_recovery import ObjectRecovery
@@ -186,9 +186,24 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         try:
             for entry in s.written:
                 self.bucket.delete(s.data_key(entry.path))
+            if s.shared:  # and what the other processes wrote (or are still uploading) under the name
+                self.settle_leftovers(s.name)
         finally:
             s.cleanup()
             self._release(s.lock)
+
+    def join(self, handle: Mapping[str, Any]) -> ObjectStaged:
+        name, lock = str(handle.get("name", "")), handle.get("lock")
+        self.check_name(name)
+        if handle.get("layout") != "dir" or not isinstance(lock, list) or len(lock) != 2 \
+                or not str(lock[0]).startswith(f"{INDEX}/{COMMITTING}"):
+            raise ValueError(f"Cannot write into a staged entry of {self.where(name)}: the handle is not one this "
+                             f"store gave out for a folder checkpoint. Received: handle={dict(handle)!r}")
+        under = str(handle.get("files_under", ""))
+        if under and not under.startswith(GENERATION):
+            raise ValueError(f"Cannot write into a staged entry of {self.where(name)}: files_under={under!r} is not "
+                             f"a generation folder. Received: handle={dict(handle)!r}")
+        return ObjectStaged(self, name, "dir", (str(lock[0]), str(lock[1])), under, None)
 
     def commit(self, staged: Staged, manifest: Manifest) -> Manifest:
         s = _staged(staged)

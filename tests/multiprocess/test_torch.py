@@ -1,0 +1,112 @@
+"""CheckpointManager on two real torch.distributed processes (gloo on 127.0.0.1): one commit per save."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keepbest import CheckpointManager, store as stores
+from tests.multiprocess import procs
+
+pytest.importorskip("torch", reason="torch is not installed")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TENSOR_BYTES = (1 << 20) * 4 + 7 * 8  # model/w1, model/w2 and model/b: replicated
+SHARD_BYTES = 1000 * 8  # optimizer/process<r>: one per process
+
+
+def run(tmp_path: Path, n: int, url: str, epochs: int = 10) -> list[dict]:
+    group = procs.start("torch_child", n, ["--url", url, "--epochs", str(epochs), "--out", str(tmp_path / f"out{n}")],
+                        tmp_path / "logs")
+    group.check(timeout=240)
+    return [json.loads((tmp_path / f"out{n}-{r}.json").read_text()) for r in range(n)]
+
+
+def committed(url: str) -> list[tuple[str, int | None, int | None]]:
+    return [(c.name, c.manifest.version, c.epoch) for c in CheckpointManager(url).checkpoints()]
+
+
+def test_two_processes_commit_the_checkpoints_one_process_commits(tmp_path):
+    run(tmp_path, 1, str(tmp_path / "one"))
+    run(tmp_path, 2, str(tmp_path / "two"))
+    assert committed(str(tmp_path / "two")) == committed(str(tmp_path / "one"))
+    assert CheckpointManager(str(tmp_path / "two")).aliases == CheckpointManager(str(tmp_path / "one")).aliases
+
+
+def test_each_tensor_is_written_once_in_total(tmp_path):
+    report = run(tmp_path, 2, str(tmp_path / "two"))
+    per_process = [r["written"] for r in report]
+    tensors = 10 * (TENSOR_BYTES + 2 * SHARD_BYTES)
+    print(f"bytes written per process: {per_process}; the tensors of 10 saves: {tensors}")
+    assert tensors <= sum(per_process) <= tensors + 10 * 4096  # once each, plus the safetensors headers
+    assert max(per_process) < 0.6 * tensors  # the replicated tensors are shared out, not written by both
+
+
+def test_the_committed_checkpoint_restores_in_one_process_bit_for_bit(tmp_path):
+    url = str(tmp_path / "two")
+    run(tmp_path, 2, url)
+    final = [dict(np.load(tmp_path / f"out2-{r}.npz")) for r in range(2)]
+    loaded = CheckpointManager(url).load()
+    assert sorted(loaded) == ["model/b", "model/w1", "model/w2", "optimizer/process0", "optimizer/process1"]
+    for name in ("model/w1", "model/w2", "model/b"):
+        assert loaded[name].tobytes() == final[0][name].tobytes() == final[1][name].tobytes()
+    for r in range(2):
+        assert loaded[f"optimizer/process{r}"].tobytes() == final[r][f"optimizer/process{r}"].tobytes()
+    verify = subprocess.run([sys.executable, "-m", "keepbest.cli", "verify", url], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "3 of 3 checkpoint(s) verified" in verify.stdout
+
+
+def test_two_processes_save_to_one_bucket(tmp_path, s3):
+    url = "s3://kbest/torch-two"
+    run(tmp_path, 2, url, epochs=4)
+    names = [c.name for c in CheckpointManager(url).checkpoints()]
+    assert names == ["ckpt-000000030", "ckpt-000000040"]  # keep_last=2; the best (epoch 3) is the newest but one
+    assert CheckpointManager(url).load()["model/b"].tolist() == [0, 4, 8, 12, 16, 20, 24]
+    assert stores.open(url).orphans().dead == []
+
+
+KILL_TIMEOUT = 5.0
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_a_killed_process_fails_the_save_on_the_others_and_loses_nothing(tmp_path, trial):
+    url = tmp_path / "ckpt"
+    group = procs.start("torch_child", 2, ["--url", str(url), "--forever", "--timeout", str(KILL_TIMEOUT),
+                                           "--size", str(1 << 22)], tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 120
+        while "saving 3\n" not in group.output(1):
+            assert time.monotonic() < deadline and group.children[1].poll() is None, group.report()
+            time.sleep(0.02)
+        time.sleep(random.Random(trial).uniform(0.0, 0.4))  # a random moment of a save (~0.1-0.3 s each)
+        os.kill(group.children[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        code = group.children[0].wait(KILL_TIMEOUT + 30)
+        took = time.monotonic() - killed
+    finally:
+        group.kill()
+    out = group.output(0)
+    print(f"process 0 exited {code} {took:.2f} s after the kill")
+    assert code == 1 and "keepbest.errors.CoordinationError" in out, out[-3000:]
+    assert took < KILL_TIMEOUT + 10
+    reported = [line.split()[1] for line in out.splitlines() if line.startswith("committed ")]
+    store = stores.open(str(url))
+    listing = store.list()
+    assert listing.damaged == []  # no partial commit
+    names = [m.name for m in listing.manifests]
+    assert reported[-1] in names  # the last checkpoint process 0 saw committed is still there
+    for m in listing.manifests:
+        store.verify(m)
+    store.recover()  # what gc does
+    assert store.orphans().dead == [] and store.orphans().undecided == []
+    assert sorted(p.name for p in url.iterdir() if not p.name.startswith(".keepbest")) == sorted(names)
