@@ -13,10 +13,11 @@ import numpy as np
 
 from keepbest import rng
 from keepbest.errors import CorruptCheckpointError, StateMismatchError
-from keepbest.keras import _host, _resume, _state
+from keepbest.distributed import Coordinator
+from keepbest.keras import _coordination, _host, _resume, _state
 from keepbest.keras._callback import _is_number, _print_msg
 from keepbest.manager import CheckpointManager
-from keepbest.payload import TensorPayload
+from keepbest.payload import TensorPayload, process_file
 from keepbest.policy import KeepLast, batches_advanced
 from keepbest.store import Reader
 
@@ -54,6 +55,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         verbose: 1 prints one line on restore and on preemption; 0 is silent.
         storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
             ``key``, ``secret``, ...); without them the AWS environment is used.
+        coordinator: as for ``ModelCheckpoint``: with several JAX processes,
+            each backs up the variables it owns and its own random generator
+            states, and process 0 commits.
 
     Example:
         >>> backup = BackupAndRestore("/tmp/backup", save_freq=100, save_before_preemption=True)
@@ -65,7 +69,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                  save_before_preemption: bool = False,
                  preemption_signals: Sequence[int] = (signal.SIGTERM,),
                  partial_restore: bool = False, verbose: int = 1,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None) -> None:
         super().__init__()
         if not backup_dir:
             raise ValueError("Empty `backup_dir` argument passed")
@@ -86,7 +90,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.verbose = verbose
         self._manager = CheckpointManager(self.backup_dir, series=SERIES,
                                           keep=[KeepLast(2 if self.double_checkpoint else 1)],
-                                          storage_options=storage_options)
+                                          storage_options=storage_options,
+                                          coordinator=_coordination.resolve(coordinator))
         self._epoch = 0
         self._last_batch_seen: int | None = None
         self._batches_since_save = 0
@@ -167,13 +172,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             # keepbest callbacks listed after this one have not handled this batch yet: on resume they do
             "pending": sorted(k for k, st in callbacks.items() if batch and st.get("seen") != [self._epoch, batch - 1]),
         }
+        tensors, pieces = _state.host_tensors({f: dict(zip(_state.unique_paths(vs), vs)) for f, vs in groups.items()})
         payload = TensorPayload(
-            {f: dict(zip(_state.unique_paths(vs), (_host.view(v) for v in vs))) for f, vs in groups.items()},
-            json_files={TRAINING_FILE: training},
+            tensors, process_json={TRAINING_FILE: training}, pieces=pieces or None,
             metadata={f: _state.order_metadata(vs) for f, vs in groups.items()}, format=FORMAT,
             groups={f: {p: "trainable" if getattr(v, "trainable", True) else "frozen"
                         for p, v in zip(_state.unique_paths(vs), vs)} for f, vs in groups.items()})
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else None
+        step = _host.scalar(optimizer.iterations) if optimizer is not None else None
         self._last_step = step
         self._manager.save(step, payload, name=None if step is not None else f"{SERIES}-e{epoch}-b{batch}",
                            epoch=epoch, batch=batch, metrics=numbers)
@@ -197,7 +202,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"Model {model} is unbuilt. You can build it beforehand by calling it on a batch of data.")
         ckpt = self._manager.verified(list(reversed(ckpts)), wanted=ckpts[-1].location, failures=damaged[::-1])
         reader = ckpt.reader()
-        plan = _read_plan(reader)
+        plan = _read_plan(reader, self._manager.coordinator.rank)
         if plan["batch"] > 0 and plan["steps_per_execution"] != int(getattr(model, "steps_per_execution", 1) or 1):
             raise ValueError(
                 f"Cannot resume inside epoch {plan['epoch'] + 1} from {ckpt.location}: it was backed up with "
@@ -333,11 +338,13 @@ _PLAN_CHECKS: dict[str, Any] = {
 _OPTIONAL = ("last_batch_seen", "rng_epoch_begin", "global_seed", "steps_per_epoch")  # absent: None
 
 
-def _read_plan(reader: Reader) -> dict[str, Any]:
-    """The training position and generator states of a backup, checked before anything uses them."""
+def _read_plan(reader: Reader, rank: int = 0) -> dict[str, Any]:
+    """The training position and generator states of a backup (this process's, when several processes
+    saved it and this one did), checked before anything uses them."""
     plan: Any = None
+    mine = process_file(TRAINING_FILE, rank)
     try:
-        plan = json.loads(reader.read(TRAINING_FILE).decode("utf-8"))
+        plan = json.loads(reader.read(mine if reader.has(mine) else TRAINING_FILE).decode("utf-8"))
         if isinstance(plan, dict):
             for key in _OPTIONAL:
                 plan.setdefault(key, None)

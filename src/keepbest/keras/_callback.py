@@ -15,7 +15,8 @@ import numpy as np
 
 from keepbest import store as stores
 from keepbest.errors import MonitorError
-from keepbest.keras import _formats, _resume
+from keepbest.distributed import Coordinator
+from keepbest.keras import _coordination, _formats, _host, _resume
 from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
@@ -75,6 +76,12 @@ class ModelCheckpoint(keras.callbacks.Callback):
             background.
         storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
             ``key``, ``secret``, ...); without them the AWS environment is used.
+        coordinator: how the processes of a multi-process job reach each other.
+            By default, with JAX's distributed runtime initialized
+            (``keras.distribution.initialize``), a
+            ``keepbest.distributed.JaxCoordinator``; pass one to set its
+            ``timeout``. Every process then writes the variables (or pieces of
+            sharded variables) it owns, and process 0 decides and commits.
 
     Example:
         >>> checkpoint = ModelCheckpoint("ckpt/epoch{epoch:02d}.keras", monitor="val_loss",
@@ -87,7 +94,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
                  async_save: bool = False, publishers: Sequence[Publisher] = (),
-                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None,
+                 **kwargs: Any) -> None:
         super().__init__()
         self._epoch_period, self._load_on_restart = _legacy_kwargs(kwargs)
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
@@ -126,6 +134,16 @@ class ModelCheckpoint(keras.callbacks.Callback):
                              "before its placeholders are filled; file names hold at most 255. Shorten it. "
                              f"Received: filepath={self.filepath}")
         self.format = _formats.format_for(self.filepath, save_weights_only)
+        self._coordinator = _coordination.resolve(coordinator)
+        if self._coordinator is not None and _formats.is_keras_file(self.format):
+            raise ValueError(
+                f"ModelCheckpoint cannot write a '{self.format}' file from {self._coordinator.size} processes: Keras's "
+                "writer needs the whole model in one process. Save to a keepbest folder (a filepath without "
+                "extension, e.g. 'ckpt/epoch{epoch:02d}'): every process then writes its part. "
+                f"Received: filepath={self.filepath}")
+        self._committer = self._coordinator is None or self._coordinator.rank == 0
+        self._decisions = None if self._coordinator is None else \
+            self._coordinator.channel(f"ModelCheckpoint#{self.filepath}#decisions")
         # Where it saves, pinned now: a relative path must not follow an os.chdir() during fit, and a URL
         # that no storage backend serves is an error before training starts.
         self.storage_options = dict(storage_options or {})
@@ -347,7 +365,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
             # the model's metrics exist.
             self._managers[root] = CheckpointManager(root, series=os.path.basename(self.filepath),
                                                      writer=self._writer, publishers=self._publish or (),
-                                                     storage_options=self.storage_options)
+                                                     storage_options=self.storage_options,
+                                                     coordinator=self._coordinator)
         return self._managers[root]
 
     def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -404,17 +423,17 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         logs = logs or {}
-        filepath = self._get_file_path(epoch, batch, logs)
+        # With several processes, process 0 decides (whether, where, the best so far) and the others follow.
+        filepath = self._decide(epoch, batch, logs) if self._committer else None
+        if self._decisions is not None:
+            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": self.best},
+                                               about=f"the save decision of epoch {epoch + 1}")
+            filepath, self.best = shared["filepath"], shared["best"]
+        if filepath is None:
+            return
         target = self._target(filepath)
         name = os.path.basename(target)
-        mgr = self._manager(_dirname(target))
-        # Until the monitor is known (a name that first appears at epoch end), rank nothing.
-        mgr.monitor = self._monitor
-        mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if isinstance(r, KeepLast))
-        if self._would_overwrite_best(mgr, name, logs):
-            return
-        if not self._should_save_model(epoch, batch, logs, filepath):
-            return
+        mgr = self._configured(_dirname(target))
         if _formats.is_keras_file(self.format) and stores.open(target, self.storage_options).exists():
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
                           f"is an existing directory: {filepath}")
@@ -433,6 +452,21 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._pending = (outcome, epoch, filepath)
         elif self.verbose > 0:
             _print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
+
+    def _configured(self, root: str) -> CheckpointManager:
+        mgr = self._manager(root)
+        # Until the monitor is known (a name that first appears at epoch end), rank nothing.
+        mgr.monitor = self._monitor
+        mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if isinstance(r, KeepLast))
+        return mgr
+
+    def _decide(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str | None:
+        """The filepath to save to now, or None (Keras's rules, and never over the recorded best)."""
+        filepath = self._get_file_path(epoch, batch, logs)
+        target = self._target(filepath)
+        if self._would_overwrite_best(self._configured(_dirname(target)), os.path.basename(target), logs):
+            return None
+        return filepath if self._should_save_model(epoch, batch, logs, filepath) else None
 
     def _would_overwrite_best(self, mgr: CheckpointManager, name: str, logs: dict[str, Any]) -> bool:
         """True (with a warning) when a templated name comes round again on the recorded best.
@@ -467,7 +501,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return None
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return _host.scalar(optimizer.iterations)
 
 
 def _legacy_kwargs(kwargs: dict[str, Any]) -> tuple[int, bool]:

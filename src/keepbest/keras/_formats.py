@@ -134,13 +134,14 @@ def keepbest_payload(model: keras.Model, weights_only: bool, staging: Staging | 
     With ``staging`` the tensors are a snapshot, so the payload may be written
     in the background while training goes on.
     """
-    files = _state.model_tensors(model, staging)
+    files, pieces = _state.model_tensors(model, staging)
     metadata = {_state.WEIGHTS_FILE: _state.order_metadata(model.weights)}
     if _state.OPTIMIZER_FILE in files:
         metadata[_state.OPTIMIZER_FILE] = _state.order_metadata(model.optimizer.variables)
     config = None if weights_only else {_state.CONFIG_FILE: _state.model_config(model)}
     return TensorPayload(files, json_files=config, metadata=metadata, groups=_state.trainability(model),
-                         format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST, detached=staging is not None)
+                         format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST, detached=staging is not None,
+                         pieces=pieces or None)
 
 
 def payload_for(model: keras.Model, fmt: str, staging: Staging | None = None) -> KerasFilePayload | TensorPayload:

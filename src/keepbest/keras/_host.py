@@ -7,6 +7,10 @@
   save): one memcpy on CPU; torch copies straight from the device.
 - ``assign``: sets a variable from a (memory-mapped) array with one copy;
   Keras's ``Variable.assign`` on torch copies twice (``np.array`` first).
+- ``local_parts``: with several JAX processes, what this process holds of a
+  variable: the whole value once (replicated), or its addressable pieces
+  (sharded by ``ModelParallel``). ``spec``, ``view`` and ``copy_into`` take
+  those pieces (single-device arrays) as well as variables.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import warnings
 
 import keras
 import numpy as np
+
+from keepbest import codec
 
 _BACKEND = keras.backend.backend()
 
@@ -32,10 +38,43 @@ def numpy_dtype(variable: Any) -> np.dtype[Any]:
 
 
 def spec(variable: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    if not isinstance(variable, keras.Variable):  # a piece of a JAX array
+        return tuple(variable.shape), np.dtype(variable.dtype)
     return tuple(variable.shape), numpy_dtype(variable)
 
 
+def local_parts(variable: Any, path: str) -> tuple[list[tuple[str, Any]], tuple[int, ...] | None]:
+    """What this process holds of ``variable``: ``[(tensor name, source)]``, and the whole shape when the
+    variable is sharded across processes (the names are then ``codec.piece_name``s)."""
+    value = variable.value if _BACKEND == "jax" else None
+    if value is None or getattr(value, "is_fully_addressable", True):
+        return [(path, variable)], None
+    if value.is_fully_replicated:
+        return [(path, value.addressable_shards[0].data)], None
+    pieces: dict[str, Any] = {}
+    for shard in value.addressable_shards:
+        index = [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(shard.index, value.shape)]
+        pieces.setdefault(codec.piece_name(path, index), shard.data)  # replicas of one piece: written once
+    return list(pieces.items()), tuple(value.shape)
+
+
+def whole(variable: Any) -> np.ndarray:
+    """A variable's whole value, also when it is replicated across processes (not when sharded)."""
+    parts, shape = local_parts(variable, "")
+    if shape is not None:
+        raise ValueError(f"Variable {variable.path} is sharded across processes: no process holds it whole. "
+                         f"Received: shape={shape}")
+    return view(parts[0][1])
+
+
+def scalar(variable: Any) -> int:
+    """A scalar variable's value as an int (also when it is replicated across processes)."""
+    return int(whole(variable))
+
+
 def view(variable: Any) -> np.ndarray:
+    if not isinstance(variable, keras.Variable):
+        return np.asarray(variable)
     value = variable.value
     if _BACKEND == "jax" and value.dtype != "bfloat16":
         return np.asarray(value)  # zero-copy on CPU; keras.ops.convert_to_numpy would copy
@@ -48,7 +87,7 @@ def view(variable: Any) -> np.ndarray:
 
 
 def copy_into(dst: np.ndarray, variable: Any) -> None:
-    if _BACKEND == "torch":
+    if _BACKEND == "torch" and isinstance(variable, keras.Variable):
         import torch
 
         value = variable.value
@@ -63,13 +102,20 @@ def prefetch(variables: Any) -> None:
     if _BACKEND != "jax":
         return
     for v in variables:
-        value = v.value
+        value = v.value if isinstance(v, keras.Variable) else v
         if getattr(value, "platform", lambda: "cpu")() != "cpu" and hasattr(value, "copy_to_host_async"):
             value.copy_to_host_async()
 
 
 def assign(variable: Any, array: np.ndarray) -> None:
     """``variable.assign(array)`` for an array of the variable's shape and dtype, copied once."""
+    value = variable.value if _BACKEND == "jax" else None
+    if value is not None and not getattr(value, "is_fully_addressable", True):
+        import jax
+
+        # Spread over several processes: each takes its own pieces of the whole array, in the variable's sharding.
+        variable.assign(jax.make_array_from_callback(value.shape, value.sharding, lambda index: array[index]))
+        return
     if _BACKEND == "torch" and array.dtype.kind in "fiub":
         import torch
 

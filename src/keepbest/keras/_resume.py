@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from keepbest import rng
+from keepbest.keras import _host
 
 SEEDS_FILE = "seeds.safetensors"
 METRICS_FILE = "metrics.safetensors"
@@ -109,7 +110,7 @@ def global_seed_state() -> list[int] | None:
     from keras.src.backend.common import global_state
 
     generator = global_state.get_global_attribute(_GLOBAL_SEED)
-    return None if generator is None else np.asarray(keras.ops.convert_to_numpy(generator.state.value)).tolist()
+    return None if generator is None else np.asarray(_host.whole(generator.state)).tolist()
 
 
 def set_global_seed_state(state: list[int] | None) -> None:

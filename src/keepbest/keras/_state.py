@@ -61,14 +61,30 @@ def trainability(model: keras.Model) -> dict[str, dict[str, str]]:
             for fname, vs in saved_variables(model).items()}
 
 
-def model_tensors(model: keras.Model, staging: Staging | None = None) -> dict[str, dict[str, np.ndarray]]:
+def model_tensors(model: keras.Model, staging: Staging | None = None
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, tuple[int, ...]]]]:
     """Host arrays of the saved variables: views (for a save the caller waits for) or,
-    with ``staging``, a snapshot copied into its reusable buffers."""
-    variables = saved_variables(model)
+    with ``staging``, a snapshot copied into its reusable buffers; and, per file, the whole shapes of
+    the variables held here only as pieces (sharded across processes)."""
+    return host_tensors(saved_variables(model), staging)
+
+
+def host_tensors(variables: dict[str, dict[str, Any]], staging: Staging | None = None
+                 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, tuple[int, ...]]]]:
+    """``{file: {path: variable}}`` as host arrays of what this process holds (see :func:`model_tensors`)."""
+    sources: dict[str, dict[str, Any]] = {}
+    pieces: dict[str, dict[str, tuple[int, ...]]] = {}
+    for fname, vs in variables.items():
+        sources[fname] = {}
+        for path, v in vs.items():
+            parts, whole = _host.local_parts(v, path)
+            sources[fname].update(parts)
+            if whole is not None:
+                pieces.setdefault(fname, {})[path] = whole
     if staging is None:
-        return {f: {p: _host.view(v) for p, v in vs.items()} for f, vs in variables.items()}
-    _host.prefetch(v for vs in variables.values() for v in vs.values())
-    return staging.snapshot(variables, spec=_host.spec, copy=_host.copy_into)
+        return {f: {p: _host.view(v) for p, v in vs.items()} for f, vs in sources.items()}, pieces
+    _host.prefetch(v for vs in sources.values() for v in vs.values())
+    return staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into), pieces
 
 
 def order_metadata(variables: Sequence[Any]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""One process of a torch.distributed job (gloo on 127.0.0.1) that saves through CheckpointManager.
+"""One process of a torch.distributed job (gloo on 127.0.0.1) or of a JAX job (its distributed client, CPU)
+that saves through CheckpointManager.
 
 Each epoch changes a replicated state (the same on every process, as DDP keeps it) and a per-process shard,
 saves with keep_last=2, keep_best=1, and logs what it committed. The bytes of tensor data this process writes
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -44,10 +46,19 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--forever", action="store_true")
     p.add_argument("--size", type=int, default=1 << 20, help="floats in the replicated tensor")
+    p.add_argument("--engine", choices=("torch", "jax"), default="torch")
     args = p.parse_args()
 
     coordinator = None
-    if args.world > 1:
+    if args.world > 1 and args.engine == "jax":
+        import jax
+
+        jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.world, process_id=args.rank,
+                                   shutdown_timeout_seconds=int(args.timeout))  # a lost peer: exit soon
+        from keepbest.distributed import JaxCoordinator
+
+        coordinator = JaxCoordinator(timeout=args.timeout)
+    elif args.world > 1:
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
@@ -91,4 +102,9 @@ if __name__ == "__main__":
 
         traceback.print_exc()
         sys.stdout.flush()
+        sys.stderr.flush()
+        if "jax" in sys.modules:
+            # JAX's exit handler waits for every process at a shutdown barrier (shutdown_timeout_seconds), then
+            # aborts when one is dead: a job that lost a process ends here, as a launcher would end it.
+            os._exit(1)
         sys.exit(1)
