@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = [ROOT / "examples" / "demo.py", ROOT / "benchmarks" / "checkpoint_speed.py",
-           ROOT / "benchmarks" / "s3_speed.py"]
+SCRIPTS = [ROOT / "examples" / "demo.py", ROOT / "examples" / "multiprocess.py",
+           ROOT / "benchmarks" / "checkpoint_speed.py", ROOT / "benchmarks" / "s3_speed.py",
+           ROOT / "benchmarks" / "multiprocess_speed.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -82,10 +82,11 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
                                     f"Received: error on process 0")
         reuse = None if got["base"] is None else Manifest.from_json(got["base"].encode("utf-8"),
                                                                    source=f"process 0's base of {about}")
-        staged = store.join(got["handle"])
 
     failure: BaseException | None = None
     try:
+        if not channel.committer:  # (a folder this process cannot see is its failure, reported to process 0)
+            staged = store.join(got["handle"])
         entries, shards = replace(payload, base=reuse).write_part(staged, channel.rank, owned)
         report: dict[str, Any] = {"entries": [asdict(e) for e in entries], "shards": shards}
     except Exception as e:  # reported to the committer, so that nothing is committed; raised below

@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--rank", type=int)
     p.add_argument("--world", type=int)
     p.add_argument("--port", type=int)
-    p.add_argument("--url")
+    p.add_argument("--url", help="where to save; {rank} is this process's index")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -70,7 +70,7 @@ def main() -> None:
 
     written: list[int] = []
     count_part_bytes(written)
-    mgr = CheckpointManager(args.url, monitor=Monitor("loss", "min"), keep=[KeepLast(2), KeepBest(1)],
+    mgr = CheckpointManager(args.url.format(rank=args.rank), monitor=Monitor("loss", "min"), keep=[KeepLast(2), KeepBest(1)],
                             coordinator=coordinator)
     w = np.linspace(0, 1, args.size, dtype=np.float32)
     shard = np.full(1000, args.rank, np.float64)

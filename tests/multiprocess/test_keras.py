@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keepbest import CheckpointManager, store as stores
+from keepbest import CheckpointManager, codec, store as stores
 from tests.multiprocess import procs
 
 pytest.importorskip("jax", reason="jax is not installed")
@@ -59,10 +59,6 @@ def test_data_parallel_writes_each_variable_once(tmp_path):
     ckpt = CheckpointManager(str(tmp_path / "two"), series="ckpt-{epoch:02d}").latest
     assert ckpt is not None
     per_process = [sum(f.size for f in ckpt.manifest.files if f"-p0000{r}-" in f.path) for r in range(2)]
-    tensors = sum(a.nbytes for a in CheckpointManager(str(tmp_path / "two"), series="ckpt-{epoch:02d}")
-                  .store.reader(ckpt.manifest).read("model.safetensors") and [] or [])
-    from keepbest import codec
-
     reader = ckpt.reader()
     tensors = sum(a.nbytes for f in ("model.safetensors", "optimizer.safetensors")
                   for a in codec.load(reader.buffer, f, reader.where).values())
@@ -137,3 +133,19 @@ def test_backup_and_restore_on_two_processes_resumes_exactly_after_a_kill(tmp_pa
     for step, loss in expected.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-6), step
     assert losses(tmp_path / "cut-1.losses") == pytest.approx(resumed, abs=1e-6)
+
+
+def test_the_example_runs_unchanged_on_one_and_on_two_processes(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore",
+           "KERAS_HOME": os.environ.get("KERAS_HOME", str(tmp_path / "keras_home"))}
+    for n in (1, 2):
+        folder = tmp_path / f"run{n}"
+        done = subprocess.run([sys.executable, str(procs.ROOT / "examples" / "multiprocess.py"), "--dir", str(folder),
+                               "--epochs", "3", "--processes", str(n)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert sorted(f"process {r} of {n}: done" for r in range(n)) == sorted(
+            line for line in done.stdout.splitlines() if line.endswith(": done"))
+        epochs = [c.epoch for c in CheckpointManager(str(folder), series="epoch{epoch:02d}").checkpoints()]
+        assert epochs[-2:] == [2, 3] and len(epochs) <= 3  # keep_last=2, keep_best=1
+        assert not (folder / "backup").exists()  # BackupAndRestore deletes its backups when fit completes

@@ -83,6 +83,18 @@ def test_two_processes_save_to_one_bucket(tmp_path, s3):
     assert stores.open(url).orphans().dead == []
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_processes_that_do_not_share_the_folder_fail_with_the_reason(tmp_path):
+    group = procs.start("manager_child", 2, ["--url", str(tmp_path / "host{rank}"), "--epochs", "1"],
+                        tmp_path / "logs")
+    codes = group.wait(timeout=120)
+    assert codes[0] == 1 and codes[1] != 0, group.report()  # (process 1 may also die in gloo's teardown)
+    assert "CoordinationError: Process 1 failed to write its part of checkpoint ckpt-000000010 (step 10): " \
+           "ValueError: Cannot write into staged entry" in group.output(0), group.report()
+    assert "must save to the same folder" in group.output(1)
+    assert [p.name for p in (tmp_path / "host0").iterdir() if p.name != ".keepbest"] == []
+
+
 KILL_TIMEOUT = 5.0
 
 
@@ -119,4 +131,4 @@ def test_a_killed_process_fails_the_save_on_the_others_and_loses_nothing(tmp_pat
         store.verify(m)
     store.recover()  # what gc does
     assert store.orphans().dead == [] and store.orphans().undecided == []
-    assert sorted(p.name for p in url.iterdir() if not p.name.startswith(".keepbest")) == sorted(names)
+    assert sorted(p.name for p in url.iterdir() if p.name != ".keepbest") == sorted(names)

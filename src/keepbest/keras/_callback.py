@@ -426,9 +426,10 @@ class ModelCheckpoint(keras.callbacks.Callback):
         # With several processes, process 0 decides (whether, where, the best so far) and the others follow.
         filepath = self._decide(epoch, batch, logs) if self._committer else None
         if self._decisions is not None:
-            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": self.best},
+            best = None if self.best is None else repr(float(self.best))  # (JSON has no inf)
+            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": best},
                                                about=f"the save decision of epoch {epoch + 1}")
-            filepath, self.best = shared["filepath"], shared["best"]
+            filepath, self.best = shared["filepath"], None if shared["best"] is None else float(shared["best"])
         if filepath is None:
             return
         target = self._target(filepath)
