@@ -39,19 +39,26 @@ def commit_together(channel: Channel, store: Store, manifest: Manifest, payload:
     """Saves ``payload`` (this process's tensors) as checkpoint ``manifest.name`` together with the other
     processes; returns the committed manifest and, on the committer, the series as listed before."""
     about = f"checkpoint {manifest.name}" + (f" (step {manifest.step})" if manifest.step is not None else "")
-    _check_open(channel, about)
-    try:
-        return _commit(channel, store, manifest, payload, about, listing, reserve, base)
-    except CoordinationError:
-        channel.broken = about  # type: ignore[attr-defined]
-        raise
+    return _commit(channel, store, manifest, payload, about, listing, reserve, base)
 
 
 def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorPayload, about: str,
             listing: Callable[[], list[Manifest]], reserve: Callable[[list[Manifest]], int],
             base: Callable[[list[Manifest]], Manifest | None]) -> tuple[Manifest, list[Manifest]]:
-    held = channel.all_gather("held", {"held": payload.held(), "pieces": payload.pieces or {},
-                                       "name": manifest.name}, about=about)
+    failure: BaseException | None = None
+    try:
+        mine: dict[str, Any] = {"held": payload.held(), "pieces": payload.pieces or {},
+                                "metadata": payload.metadata or {}, "name": manifest.name}
+    except Exception as e:  # (a dtype safetensors cannot store): every process hears it at the first exchange
+        failure, mine = e, {"error": _describe(e), "name": manifest.name}
+    held = channel.all_gather("held", mine, about=about)
+    failed = [(rank, h["error"]) for rank, h in enumerate(held) if "error" in h]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise CoordinationError(f"Cannot save {about}: process {failed[0][0]} cannot save its part: {failed[0][1]}. "
+                                "Nothing was written. Fix the cause and save again. "
+                                f"Received: {len(failed)} process(es) failed")
     names = {h["name"] for h in held}
     if len(names) > 1:
         raise CoordinationError(f"Cannot save {about}: the processes save under different names ({sorted(names)}), "
@@ -59,21 +66,27 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
                                 f"Received: name={manifest.name!r} on process {channel.rank}")
     owned = owners([h["held"] for h in held])[channel.rank]
     pieces: dict[str, dict[str, Any]] = {}
+    metadata: dict[str, dict[str, str]] = {}  # per file, the first process's that holds it
     for h in held:
         for fname, shapes in h["pieces"].items():
             pieces.setdefault(fname, {}).update(shapes)
+        for fname in h["held"]:
+            metadata.setdefault(fname, dict(h["metadata"].get(fname) or {}))
 
     before: list[Manifest] = []
+    staged: Staged | None = None
     if channel.committer:
-        before = listing()
         try:
+            before = listing()
             staged = store.stage(manifest.name, "dir")
+            reuse = base(before)
+            message = {"handle": staged.handle(), "base": None if reuse is None else reuse.to_json().decode("utf-8")}
         except BaseException as e:
+            if staged is not None:
+                store.discard(staged)
             channel.broadcast("staged", {"error": _describe(e)}, about=about)
             raise
-        reuse = base(before)
-        channel.broadcast("staged", {"handle": staged.handle(),
-                                     "base": None if reuse is None else reuse.to_json().decode("utf-8")}, about=about)
+        channel.broadcast("staged", message, about=about)
     else:
         got = channel.broadcast("staged", None, about=about)
         if "error" in got:
@@ -83,10 +96,10 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
         reuse = None if got["base"] is None else Manifest.from_json(got["base"].encode("utf-8"),
                                                                    source=f"process 0's base of {about}")
 
-    failure: BaseException | None = None
     try:
         if not channel.committer:  # (a folder this process cannot see is its failure, reported to process 0)
             staged = store.join(got["handle"])
+        assert staged is not None
         entries, shards = replace(payload, base=reuse).write_part(staged, channel.rank, owned)
         report: dict[str, Any] = {"entries": [asdict(e) for e in entries], "shards": shards}
     except Exception as e:  # reported to the committer, so that nothing is committed; raised below
@@ -94,10 +107,11 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
     try:
         reports = channel.gather("written", report, about=about)
     except BaseException:
-        if channel.committer:
+        if staged is not None and channel.committer:
             store.discard(staged)
         raise
     if failure is not None and channel.committer:
+        assert staged is not None
         store.discard(staged)
         channel.broadcast("committed", {"error": f"the committer failed to write its part: {_describe(failure)}."},
                           about=about)
@@ -110,13 +124,14 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
             raise CoordinationError(f"Cannot save {about}: {outcome['error']} Nothing was committed; the previous "
                                     "checkpoints are intact. Received: the committer's report")
         return Manifest.from_json(outcome["manifest"].encode("utf-8"), source=f"process 0's commit of {about}"), []
-    assert reports is not None
+    assert reports is not None and staged is not None
     return _commit_gathered(channel, store, staged, manifest, replace(payload, base=reuse), reports, pieces,
-                            before, reserve, about), before
+                            metadata, before, reserve, about), before
 
 
 def _commit_gathered(channel: Channel, store: Store, staged: Staged, manifest: Manifest, payload: TensorPayload,
-                     reports: Sequence[dict[str, Any]], pieces: dict[str, dict[str, Any]], before: list[Manifest],
+                     reports: Sequence[dict[str, Any]], pieces: dict[str, dict[str, Any]],
+                     metadata: dict[str, dict[str, str]], before: list[Manifest],
                      reserve: Callable[[list[Manifest]], int], about: str) -> Manifest:
     committing = False
     try:
@@ -131,7 +146,7 @@ def _commit_gathered(channel: Channel, store: Store, staged: Staged, manifest: M
         for r in reports:
             for fname, names in r["shards"].items():
                 shards.setdefault(fname, []).extend(names)
-        entries += payload.write_index(staged, shards, pieces)
+        entries += payload.write_index(staged, metadata, shards, pieces)
         files = tuple(sorted(entries, key=lambda e: e.path))
         version = reserve(before)
         committing = True  # a failed commit discards what was staged itself
@@ -143,15 +158,6 @@ def _commit_gathered(channel: Channel, store: Store, staged: Staged, manifest: M
         raise
     channel.broadcast("committed", {"manifest": committed.to_json().decode("utf-8")}, about=about)
     return committed
-
-
-def _check_open(channel: Channel, about: str) -> None:
-    broken = getattr(channel, "broken", None)
-    if broken:
-        raise CoordinationError(
-            f"Cannot save {about}: the processes lost each other while saving {broken}, so they are out of step. "
-            "Restart every process of the job (training resumes from the last committed checkpoint). "
-            f"Received: an earlier failure on process {channel.rank}")
 
 
 def _describe(e: BaseException) -> str:

@@ -125,7 +125,8 @@ class TensorPayload:
         base = {e.path: e for e in self.base.files} if self.base is not None else {}
         for fname, tensors in self.tensors.items():
             mine = {k: tensors[k] for k in owned.get(fname, ())}
-            _main, groups = codec.plan_shards(mine, (self.groups or {}).get(fname), min_bytes=0)
+            small, large = codec.plan_shards(mine, (self.groups or {}).get(fname))
+            groups = ([small] if small else []) + large  # the small tensors together, the large by group and size
             stem = fname[: -len(".safetensors")] if fname.endswith(".safetensors") else fname
             names = [codec.shard_name(f"{stem}-p{rank:05d}", i + 1) for i in range(len(groups))]
             folder = posixpath.dirname(fname)
@@ -137,13 +138,13 @@ class TensorPayload:
         entries.extend(self._write_json(staged, rank))
         return entries, shards
 
-    def write_index(self, staged: Staged, shards: Mapping[str, Sequence[str]],
+    def write_index(self, staged: Staged, files: Mapping[str, Mapping[str, str]], shards: Mapping[str, Sequence[str]],
                     pieces: Mapping[str, Mapping[str, Sequence[int]]]) -> list[FileEntry]:
-        """The committer's last write: each file as an index of every process's shards (with the whole
-        shapes of the variables saved as pieces)."""
+        """The committer's last write: each of ``files`` (any process's, with its metadata) as an index of
+        every process's shards, with the whole shapes of the variables saved as pieces."""
         entries = []
-        for fname in self.tensors:
-            metadata = dict((self.metadata or {}).get(fname) or {})
+        for fname, meta in files.items():
+            metadata = dict(meta)
             metadata[codec.SHARDS_KEY] = json.dumps(list(shards.get(fname, ())))
             if pieces.get(fname):
                 metadata[codec.PIECES_KEY] = json.dumps({p: list(s) for p, s in sorted(pieces[fname].items())})

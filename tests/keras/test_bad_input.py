@@ -101,3 +101,19 @@ def test_arbitrary_bytes_as_training_state_are_rejected_as_corrupt(tmp_path, raw
     path.write_bytes(raw)
     with pytest.raises(CorruptCheckpointError, match="not a training state written by keepbest"):
         _read_plan(path)
+
+
+@pytest.mark.parametrize("callback", ["ModelCheckpoint", "BackupAndRestore"])
+def test_a_coordinator_other_than_jaxs_is_refused_by_the_keras_callbacks(tmp_path, callback):
+    from keepbest.distributed import Solo
+
+    with pytest.raises(TypeError, match=r"coordinator must be a keepbest.distributed.JaxCoordinator .*"
+                                        r"Received: coordinator=<keepbest.distributed._base.Solo"):
+        getattr(keepbest.keras, callback)(str(tmp_path / "ckpt"), coordinator=Solo())
+
+
+def test_a_manager_refuses_a_coordinator_that_is_not_one(tmp_path):
+    from keepbest import CheckpointManager
+
+    with pytest.raises(TypeError, match="coordinator must be a keepbest.distributed coordinator"):
+        CheckpointManager(str(tmp_path), coordinator="jax")

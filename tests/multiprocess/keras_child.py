@@ -6,6 +6,7 @@ Modes:
   weights (the whole of each variable: gathered from the pieces where it is sharded);
 - ``restore``: builds the same model under the same distribution, loads a checkpoint into it with
   ``keepbest.keras.load_weights``, and dumps the weights;
+- ``preempt``: only builds ``BackupAndRestore(save_before_preemption=True)``;
 - ``backup``: trains with BackupAndRestore (a backup every few batches) and logs each batch's loss; with
   ``--die-at`` process 1 kills itself (SIGKILL) at that batch of the first run.
 """
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 
 import numpy as np
 
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--rank", type=int)
     p.add_argument("--world", type=int)
     p.add_argument("--port", type=int)
-    p.add_argument("--mode", choices=("fit", "restore", "backup"))
+    p.add_argument("--mode", choices=("fit", "restore", "backup", "preempt"))
     p.add_argument("--parallel", choices=("data", "model"), default="data")
     p.add_argument("--url")
     p.add_argument("--epochs", type=int, default=10)
@@ -81,6 +81,8 @@ def main() -> None:
         checkpoint = ModelCheckpoint(os.path.join(args.url, "ckpt-{epoch:02d}"), monitor="score", mode="min",
                                      keep_last=2, keep_best=1, async_save=args.async_save, coordinator=coordinator)
         model.fit(x, y, batch_size=batch, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[score, checkpoint])
+    elif args.mode == "preempt":
+        BackupAndRestore(args.url, save_before_preemption=True)  # refused with several processes
     elif args.mode == "restore":
         model.build((None, 16))
         load_weights(model, args.url)
@@ -119,12 +121,6 @@ def gathered(variable) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
+    from tests.multiprocess.procs import child_main
 
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # JAX's exit handler would wait for a lost process (see manager_child.py)
+    child_main(main)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
 
 import numpy as np
 
@@ -47,6 +45,8 @@ def main() -> None:
     p.add_argument("--forever", action="store_true")
     p.add_argument("--size", type=int, default=1 << 20, help="floats in the replicated tensor")
     p.add_argument("--engine", choices=("torch", "jax"), default="torch")
+    p.add_argument("--fail-at", type=int, default=0,
+                   help="at this epoch process 1 saves a tensor safetensors cannot store: the save fails everywhere")
     args = p.parse_args()
 
     coordinator = None
@@ -82,9 +82,17 @@ def main() -> None:
         half = len(w) // 2
         state = {"model/w1": w[:half], "model/w2": w[half:], "model/b": np.arange(7, dtype=np.int64) * epoch,
                  f"optimizer/process{args.rank}": shard}
+        if epoch == args.fail_at and args.rank == 1:
+            state["optimizer/complex"] = np.zeros(2, np.complex64)
         print(f"saving {epoch}", flush=True)
-        ckpt = mgr.save_async(epoch * 10, state, metrics={"loss": LOSSES[(epoch - 1) % len(LOSSES)]},
-                              epoch=epoch).result()
+        try:
+            ckpt = mgr.save_async(epoch * 10, state, metrics={"loss": LOSSES[(epoch - 1) % len(LOSSES)]},
+                                  epoch=epoch).result()
+        except Exception as e:
+            if epoch != args.fail_at:
+                raise
+            print(f"failed {epoch}: {type(e).__name__}: {e}", flush=True)
+            continue
         print(f"committed {ckpt.name} v{ckpt.manifest.version}", flush=True)
     mgr.close()
     if args.out:
@@ -95,16 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
+    from tests.multiprocess.procs import child_main
 
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if "jax" in sys.modules:
-            # JAX's exit handler waits for every process at a shutdown barrier (shutdown_timeout_seconds), then
-            # aborts when one is dead: a job that lost a process ends here, as a launcher would end it.
-            os._exit(1)
-        sys.exit(1)
+    child_main(main)

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +73,22 @@ def start(script: str, n: int, args: Sequence[str], folder: Path, env: dict[str,
                 env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}))
         logs.append(log)
     return Group(children, logs)
+
+
+def child_main(main: Callable[[], None]) -> None:
+    """Runs a child's ``main``; on an error, prints it and exits 1 at once.
+
+    At once: JAX's exit handler waits for every process at a shutdown barrier (``shutdown_timeout_seconds``)
+    and then aborts when one is dead, so a job that lost a process ends here, as a launcher would end it.
+    """
+    try:
+        main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if "jax" in sys.modules:
+            os._exit(1)
+        sys.exit(1)

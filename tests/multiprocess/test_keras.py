@@ -107,6 +107,14 @@ def test_two_processes_save_to_one_bucket(tmp_path, s3):
     assert stores.open(url).orphans().dead == []
 
 
+def test_backup_before_preemption_is_refused_with_several_processes(tmp_path):
+    group = run(tmp_path, 2, "--mode", "preempt", "--url", str(tmp_path / "backup"), check=False)
+    assert group.wait(timeout=120) == [1, 1]
+    for r in range(2):
+        assert "ValueError: BackupAndRestore(save_before_preemption=True) is not supported with several processes" \
+            in group.output(r), group.report()
+
+
 def losses(path: Path) -> dict[int, float]:
     out = {}
     for line in path.read_text().splitlines():

@@ -95,6 +95,20 @@ def test_processes_that_do_not_share_the_folder_fail_with_the_reason(tmp_path):
     assert [p.name for p in (tmp_path / "host0").iterdir() if p.name != ".keepbest"] == []
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_save_that_fails_on_one_process_fails_everywhere_and_the_next_one_commits(tmp_path, engine):
+    url = tmp_path / "ckpt"
+    group = procs.start("manager_child", 2, ["--url", str(url), "--epochs", "4", "--fail-at", "2", "--timeout", "60",
+                                             "--engine", engine], tmp_path / "logs", env={"JAX_PLATFORMS": "cpu"})
+    started = time.monotonic()
+    group.check(timeout=120)
+    assert time.monotonic() - started < 50  # nobody waited for the 60 s timeout
+    assert "failed 2: TypeError: Cannot store a tensor of dtype complex64" in group.output(1)
+    assert "failed 2: CoordinationError: Cannot save checkpoint ckpt-000000020 (step 20): process 1 cannot save " \
+           "its part: TypeError" in group.output(0), group.report()
+    assert committed(str(url)) == [("ckpt-000000030", 1, 3), ("ckpt-000000040", 2, 4)]
+
+
 KILL_TIMEOUT = 5.0
 
 

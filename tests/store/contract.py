@@ -15,12 +15,14 @@ own (crash images of a local folder, conditional PUTs) is tested beside it.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 
 import pytest
 
-from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
+from keepbest import store as stores
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store import ANY, RecordConflictError
 
@@ -111,6 +113,41 @@ class StoreContract:
         with open(store.stage("model.keras", "file").local_path(), "wb") as f:
             f.write(b"data")
         assert listed(store) == []
+
+    # -- one checkpoint written by several processes (keepbest.multiprocess) --------------------------------
+    @pytest.mark.parametrize("again", [False, True], ids=["new", "saved-again"])
+    def test_files_written_into_a_joined_entry_commit_with_the_stagers(self, store, again):
+        if again:
+            commit_dir(store, "ckpt-1", V1)
+        staged = store.stage("ckpt-1", "dir")
+        other = stores.open(store.url).join(json.loads(json.dumps(staged.handle())))  # as another process does
+        entries = (staged.write("a.bin", b"from 0"), other.write("b.bin", b"from 1"))
+        store.commit(staged, manifest("ckpt-1", "dir").with_files(entries))
+        (m,) = listed(store)
+        assert contents(store, m) == {"a.bin": b"from 0", "b.bin": b"from 1"}
+        store.verify(m)
+
+    def test_discarding_a_joined_entry_removes_the_other_processes_files_too(self, store):
+        commit_dir(store, "ckpt-0", V1)
+        staged = store.stage("ckpt-1", "dir")
+        other = stores.open(store.url).join(staged.handle())
+        staged.write("a.bin", b"from 0")
+        other.write("b.bin", b"from 1")
+        store.discard(staged)
+        assert [m.name for m in listed(store)] == ["ckpt-0"]
+        assert store.orphans().dead == [] and store.recover().changed is False
+
+    def test_a_joined_entry_refuses_to_write_once_its_stager_gave_up(self, store):
+        staged = store.stage("ckpt-1", "dir")
+        other = stores.open(store.url).join(staged.handle())
+        store.discard(staged)
+        with pytest.raises(StorageError, match="gave up this save"):
+            other.write("b.bin", b"late")
+        assert listed(store) == [] and store.orphans().dead == []
+
+    def test_join_refuses_a_handle_it_did_not_give_out(self, store):
+        with pytest.raises(ValueError, match="Cannot write into"):
+            store.join({"name": "ckpt-1", "layout": "file", "path": "/elsewhere", "lock": ["x", "y"]})
 
     def test_discarded_stage_lists_nothing(self, store):
         staged = store.stage("ckpt-1", "dir")

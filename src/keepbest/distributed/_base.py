@@ -7,6 +7,8 @@ import hashlib
 import json
 from typing import Any
 
+from keepbest.errors import CoordinationError
+
 COMMITTER = 0
 DEFAULT_TIMEOUT = 300.0
 """Seconds a process waits for the others at each step of a save (writing included)."""
@@ -18,8 +20,12 @@ class Channel(abc.ABC):
     def __init__(self, coordinator: "Coordinator", name: str) -> None:
         self.coordinator = coordinator
         self.name = name
-        self.id = hashlib.blake2s(name.encode("utf-8"), digest_size=8).hexdigest()
+        # Channels open in the same order on every process: the count keeps two channels of one name apart.
+        coordinator.opened += 1
+        self.id = hashlib.blake2s(f"{coordinator.opened}#{name}".encode("utf-8"), digest_size=8).hexdigest()
         self.sequence = 0
+        self.broken: str | None = None
+        """What was being saved when a process was lost (the processes are out of step since)."""
 
     @property
     def rank(self) -> int:
@@ -39,16 +45,29 @@ class Channel(abc.ABC):
 
     def broadcast(self, tag: str, value: Any = None, *, about: str = "") -> Any:
         """The committer's ``value`` (JSON-able), on every process; others pass anything (ignored)."""
-        return json.loads(self._broadcast(self._next(tag), _encode(value) if self.committer else b"", about))
+        data = _encode(value) if self.committer else b""
+        return json.loads(self._run(lambda key: self._broadcast(key, data, about), tag, about))
 
     def gather(self, tag: str, value: Any, *, about: str = "") -> list[Any] | None:
         """Every process's ``value`` in process order, on the committer; None on the others."""
-        got = self._gather(self._next(tag), _encode(value), about)
+        got = self._run(lambda key: self._gather(key, _encode(value), about), tag, about)
         return None if got is None else [json.loads(v) for v in got]
 
     def all_gather(self, tag: str, value: Any, *, about: str = "") -> list[Any]:
         """Every process's ``value`` in process order, on every process."""
-        return [json.loads(v) for v in self._all_gather(self._next(tag), _encode(value), about)]
+        return [json.loads(v) for v in self._run(lambda key: self._all_gather(key, _encode(value), about), tag, about)]
+
+    def _run(self, operation: Any, tag: str, about: str) -> Any:
+        if self.broken:
+            raise CoordinationError(
+                f"Cannot save {about or 'this checkpoint'}: the processes lost each other while saving "
+                f"{self.broken}, so they are out of step. Restart every process of the job (training resumes "
+                f"from the last committed checkpoint). Received: an earlier failure on process {self.rank}")
+        try:
+            return operation(self._next(tag))
+        except CoordinationError:
+            self.broken = about or "a checkpoint"
+            raise
 
     @abc.abstractmethod
     def _broadcast(self, key: str, data: bytes, about: str) -> bytes: ...
@@ -72,6 +91,8 @@ class Coordinator(abc.ABC):
     """How many processes save together."""
     timeout: float
     """Seconds any wait for another process may last before it is an error."""
+    opened = 0
+    """Channels opened so far (every process opens the same ones, in the same order)."""
 
     @abc.abstractmethod
     def channel(self, name: str) -> Channel:

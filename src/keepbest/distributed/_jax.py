@@ -57,20 +57,29 @@ class _JaxChannel(Channel):
     def _key(self, key: str) -> str:
         return f"keepbest/{self.id}/{key}"
 
+    def _set(self, key: str, data: bytes, about: str) -> None:
+        try:
+            self.client.key_value_set_bytes(key, data)
+        except Exception as e:  # JaxRuntimeError: the service is gone, or the key exists (out of step)
+            raise CoordinationError(
+                f"Cannot save {about}: process {self.rank} cannot send its message through JAX's coordination "
+                "service (it is gone, or the processes are out of step). Restart the job. "
+                f"Received: {type(e).__name__}: {str(e)[:200]}") from e
+
     def _broadcast(self, key: str, data: bytes, about: str) -> bytes:
         if self.committer:
-            self.client.key_value_set_bytes(self._key(key), data)
+            self._set(self._key(key), data, about)
             return data
         return self._get(self._key(key), COMMITTER, about, key, time.monotonic() + self.coordinator.timeout)
 
     def _gather(self, key: str, data: bytes, about: str) -> list[bytes] | None:
         if not self.committer:
-            self.client.key_value_set_bytes(f"{self._key(key)}/{self.rank}", data)
+            self._set(f"{self._key(key)}/{self.rank}", data, about)
             return None
         return self._collect(key, data, about)
 
     def _all_gather(self, key: str, data: bytes, about: str) -> list[bytes]:
-        self.client.key_value_set_bytes(f"{self._key(key)}/{self.rank}", data)
+        self._set(f"{self._key(key)}/{self.rank}", data, about)
         return self._collect(key, data, about)
 
     def _collect(self, key: str, data: bytes, about: str) -> list[bytes]:

@@ -88,10 +88,17 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_before_preemption = bool(save_before_preemption)
         self.partial_restore = bool(partial_restore)
         self.verbose = verbose
+        coordinator = _coordination.resolve(coordinator)
+        if coordinator is not None and self.save_before_preemption:
+            raise ValueError(
+                "BackupAndRestore(save_before_preemption=True) is not supported with several processes: each process "
+                "receives the signal on its own, at a different batch, so they would not back up the same step. "
+                "Let the launcher stop the job and resume from the last periodic backup. "
+                f"Received: {coordinator.size} processes, save_before_preemption=True")
         self._manager = CheckpointManager(self.backup_dir, series=SERIES,
                                           keep=[KeepLast(2 if self.double_checkpoint else 1)],
                                           storage_options=storage_options,
-                                          coordinator=_coordination.resolve(coordinator))
+                                          coordinator=coordinator)
         self._epoch = 0
         self._last_batch_seen: int | None = None
         self._batches_since_save = 0

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from keepbest import store as stores
-from keepbest.errors import MonitorError
+from keepbest.errors import CoordinationError, MonitorError
 from keepbest.distributed import Coordinator
 from keepbest.keras import _coordination, _formats, _host, _resume
 from keepbest.keras._loading import load_weights
@@ -424,11 +424,20 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         logs = logs or {}
         # With several processes, process 0 decides (whether, where, the best so far) and the others follow.
-        filepath = self._decide(epoch, batch, logs) if self._committer else None
-        if self._decisions is not None:
+        if self._decisions is None:
+            filepath = self._decide(epoch, batch, logs)
+        else:
+            about = f"the save decision of epoch {epoch + 1}"
+            try:
+                filepath = self._decide(epoch, batch, logs) if self._committer else None
+            except BaseException as e:  # the others wait for the decision: tell them why there is none
+                self._decisions.broadcast("save", {"error": f"{type(e).__name__}: {e}"}, about=about)
+                raise
             best = None if self.best is None else repr(float(self.best))  # (JSON has no inf)
-            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": best},
-                                               about=f"the save decision of epoch {epoch + 1}")
+            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": best}, about=about)
+            if "error" in shared:
+                raise CoordinationError(f"ModelCheckpoint cannot save at epoch {epoch + 1}: process 0 failed to decide: "
+                                        f"{shared['error']}. Received: the error of process 0")
             filepath, self.best = shared["filepath"], None if shared["best"] is None else float(shared["best"])
         if filepath is None:
             return

@@ -14,10 +14,13 @@ _shared: list[Coordinator] = []
 def resolve(coordinator: Any) -> Coordinator | None:
     """``coordinator`` checked; by default a process-wide ``JaxCoordinator`` when JAX runs several processes
     (``keras.distribution.initialize``), else None (one process)."""
+    from keepbest.distributed._jax import JaxCoordinator  # (imports JAX only when one is made)
+
     if coordinator is not None:
-        if not isinstance(coordinator, Coordinator):
-            raise TypeError("coordinator must be a keepbest.distributed coordinator (e.g. JaxCoordinator(timeout=60)) "
-                            f"or None. Received: coordinator={coordinator!r}")
+        if not isinstance(coordinator, JaxCoordinator):
+            raise TypeError("coordinator must be a keepbest.distributed.JaxCoordinator (Keras trains in several "
+                            "processes through keras.distribution, on JAX), or None to find it. "
+                            f"Received: coordinator={coordinator!r}")
         return coordinator if coordinator.size > 1 else None
     if keras.backend.backend() != "jax":
         return None
@@ -26,7 +29,5 @@ def resolve(coordinator: Any) -> Coordinator | None:
     if distributed.global_state.client is None:
         return None
     if not _shared:
-        from keepbest.distributed import JaxCoordinator
-
         _shared.append(JaxCoordinator())
     return _shared[0] if _shared[0].size > 1 else None

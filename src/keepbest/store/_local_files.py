@@ -4,12 +4,14 @@ files read through memory maps."""
 from __future__ import annotations
 
 import builtins
+import errno
 import mmap
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from keepbest.errors import StorageError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store import _fs, _names
 from keepbest.store.base import Listing, Reader, Staged
@@ -42,8 +44,9 @@ class LocalFolder:
 class LocalStaged(Staged):
     """A staged entry of :class:`LocalStore`: a temporary sibling of the final name."""
 
-    def __init__(self, store: LocalFolder, name: str, layout: str, path: Path) -> None:
+    def __init__(self, store: LocalFolder, name: str, layout: str, path: Path, joined: bool = False) -> None:
         self.store, self.name, self.layout, self.path = store, name, layout, path
+        self.joined = joined  # another process staged it: never recreate it once that process removed it
 
     def local_path(self) -> Path:
         return self.path
@@ -52,6 +55,10 @@ class LocalStaged(Staged):
         if self.layout != "dir":
             raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
                              f"Received: rel={rel!r}")
+        if self.joined and not self.path.is_dir():
+            raise StorageError(errno.ENOENT, f"Cannot write {rel} into staged checkpoint {self.path}: it is gone (the "
+                               "process that staged it gave up this save). Nothing was committed. "
+                               f"Received: rel={rel!r}", str(self.path))
         dest = self.path / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         return dest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import errno
 import mmap
 import os
 import shutil
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from keepbest.errors import CorruptCheckpointError
+from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store._object_io import PART, Bucket
 from keepbest.store.base import Reader, Staged
@@ -80,6 +81,7 @@ class ObjectStaged(Staged):
         self.written: list[FileEntry] = []
         self.intent: Manifest | None = None  # a Keras file's manifest, recorded in the lock before its upload completes
         self.shared = False  # other processes write into it too (handle() was given out)
+        self.joined = False  # this process writes into another's staged entry
         self._local: Path | None = None
 
     def data_key(self, rel: str) -> str:
@@ -99,6 +101,10 @@ class ObjectStaged(Staged):
             raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
                              f"Received: rel={rel!r}")
         pieces = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else builtins.list(data)
+        if self.joined and self.store.bucket.head(self.lock[0]) is None:
+            raise StorageError(errno.ENOENT, f"Cannot write {rel} of checkpoint {self.store.where(self.name)}: the "
+                               "process that staged it gave up this save (its commit lock is gone). Nothing was "
+                               f"committed. Received: rel={rel!r}", self.store.where(self.name))
         size, computed = self.store.bucket.upload(self.data_key(rel), pieces, digest=digest)
         entry = FileEntry(path=rel, size=size, digest=computed)
         self.written.append(entry)

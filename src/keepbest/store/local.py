@@ -130,7 +130,7 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
                                "processes must see the same folder (a shared filesystem) to save one checkpoint "
                                f"together; use a shared path or an s3:// URL. Received: handle={dict(handle)!r}",
                                str(path))
-        return LocalStaged(self, name, "dir", path)
+        return LocalStaged(self, name, "dir", path, joined=True)
 
     def commit(self, staged: Staged, manifest: Manifest) -> Manifest:
         path = local_staged(staged).path

@@ -203,7 +203,9 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         if under and not under.startswith(GENERATION):
             raise ValueError(f"Cannot write into a staged entry of {self.where(name)}: files_under={under!r} is not "
                              f"a generation folder. Received: handle={dict(handle)!r}")
-        return ObjectStaged(self, name, "dir", (str(lock[0]), str(lock[1])), under, None)
+        staged = ObjectStaged(self, name, "dir", (str(lock[0]), str(lock[1])), under, None)
+        staged.joined = True
+        return staged
 
     def commit(self, staged: Staged, manifest: Manifest) -> Manifest:
         s = _staged(staged)
