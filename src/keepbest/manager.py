@@ -127,6 +127,7 @@ class CheckpointManager:
         self.store = stores.open(directory, storage_options)
         self.coordinator = coordinator or Solo()
         self.channel = self.coordinator.channel(f"{self.store.url}#{series}") if self.coordinator.size > 1 else None
+        self._ownership: dict[tuple[str, str], int] = {}  # who wrote each tensor at the last save (many processes)
         self.monitor = monitor
         self.keep = tuple(keep)
         self.series = series
@@ -146,6 +147,16 @@ class CheckpointManager:
     def committer(self) -> bool:
         """Whether this process commits (always, with one process; process 0 of several)."""
         return self.coordinator.rank == 0
+
+    def owned_elsewhere(self) -> dict[str, set[str]]:
+        """Per file, the tensors another process wrote at the last save: a snapshot may leave them out
+        (pass their specs as ``TensorPayload.known``), since they keep their writer while it holds them."""
+        self.writer.wait()  # the save in flight decides the ownership
+        out: dict[str, set[str]] = {}
+        for (fname, name), rank in self._ownership.items():
+            if rank != self.coordinator.rank:
+                out.setdefault(fname, set()).add(name)
+        return out
 
     @property
     def directory(self) -> Path:
@@ -401,7 +412,7 @@ class CheckpointManager:
         def persist() -> Checkpoint:
             committed, before = multiprocess.commit_together(
                 channel, self.store, manifest, payload, listing=self._mine, reserve=self.index.reserve,
-                base=self._dedup_base)
+                base=self._dedup_base, ownership=self._ownership)
             if not self.committer:
                 return self._checkpoint(committed)
             return self._after_commit(committed, before, monitor, keep)

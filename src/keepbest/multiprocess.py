@@ -35,16 +35,26 @@ from keepbest.store import Staged, Store
 
 def commit_together(channel: Channel, store: Store, manifest: Manifest, payload: TensorPayload, *,
                     listing: Callable[[], list[Manifest]], reserve: Callable[[list[Manifest]], int],
-                    base: Callable[[list[Manifest]], Manifest | None]) -> tuple[Manifest, list[Manifest]]:
+                    base: Callable[[list[Manifest]], Manifest | None],
+                    ownership: dict[tuple[str, str], int]) -> tuple[Manifest, list[Manifest]]:
     """Saves ``payload`` (this process's tensors) as checkpoint ``manifest.name`` together with the other
-    processes; returns the committed manifest and, on the committer, the series as listed before."""
+    processes; returns the committed manifest and, on the committer, the series as listed before.
+
+    ``ownership`` (``(file, name) -> process``) is the previous save's: tensors keep their writer while
+    it holds them. It is replaced by this save's when the save commits, and emptied when it fails (the
+    next snapshot then copies everything).
+    """
     about = f"checkpoint {manifest.name}" + (f" (step {manifest.step})" if manifest.step is not None else "")
-    return _commit(channel, store, manifest, payload, about, listing, reserve, base)
+    previous = dict(ownership)
+    ownership.clear()
+    committed = _commit(channel, store, manifest, payload, about, listing, reserve, base, previous, ownership)
+    return committed
 
 
 def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorPayload, about: str,
             listing: Callable[[], list[Manifest]], reserve: Callable[[list[Manifest]], int],
-            base: Callable[[list[Manifest]], Manifest | None]) -> tuple[Manifest, list[Manifest]]:
+            base: Callable[[list[Manifest]], Manifest | None], previous: dict[tuple[str, str], int],
+            ownership: dict[tuple[str, str], int]) -> tuple[Manifest, list[Manifest]]:
     failure: BaseException | None = None
     try:
         mine: dict[str, Any] = {"held": payload.held(), "pieces": payload.pieces or {},
@@ -64,7 +74,10 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
         raise CoordinationError(f"Cannot save {about}: the processes save under different names ({sorted(names)}), "
                                 "so they are not at the same save. Save with the same step/name on every process. "
                                 f"Received: name={manifest.name!r} on process {channel.rank}")
-    owned = owners([h["held"] for h in held])[channel.rank]
+    assignment = owners([h["held"] for h in held], previous)
+    owned = assignment[channel.rank]
+    decided = {(fname, name): rank for rank, files in enumerate(assignment) for fname, names in files.items()
+               for name in names}
     pieces: dict[str, dict[str, Any]] = {}
     metadata: dict[str, dict[str, str]] = {}  # per file, the first process's that holds it
     for h in held:
@@ -123,10 +136,13 @@ def _commit(channel: Channel, store: Store, manifest: Manifest, payload: TensorP
         if "error" in outcome:
             raise CoordinationError(f"Cannot save {about}: {outcome['error']} Nothing was committed; the previous "
                                     "checkpoints are intact. Received: the committer's report")
+        ownership.update(decided)
         return Manifest.from_json(outcome["manifest"].encode("utf-8"), source=f"process 0's commit of {about}"), []
     assert reports is not None and staged is not None
-    return _commit_gathered(channel, store, staged, manifest, replace(payload, base=reuse), reports, pieces,
-                            metadata, before, reserve, about), before
+    committed = _commit_gathered(channel, store, staged, manifest, replace(payload, base=reuse), reports, pieces,
+                                 metadata, before, reserve, about)
+    ownership.update(decided)
+    return committed, before
 
 
 def _commit_gathered(channel: Channel, store: Store, staged: Staged, manifest: Manifest, payload: TensorPayload,

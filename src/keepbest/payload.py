@@ -82,6 +82,9 @@ class TensorPayload:
     """Per file, the variables this process holds as pieces (named by ``codec.piece_name``): path -> whole shape."""
     process_json: Mapping[str, Any] | None = None
     """JSON files whose content differs per process (RNG states): process ``r`` > 0 writes ``name.p<r>.json``."""
+    known: Mapping[str, Mapping[str, Sequence[Any]]] | None = None
+    """Per file, tensors this process holds but did not copy, because another process writes them (it did
+    at the previous save): name -> [shape, dtype code, bytes]."""
 
     def write(self, staged: Staged) -> tuple[FileEntry, ...]:
         entries = []
@@ -114,6 +117,8 @@ class TensorPayload:
             for name, arr in tensors.items():
                 a = np.asarray(arr) if not hasattr(arr, "dtype") else arr
                 out[fname][name] = [list(a.shape), codec.dtype_code(a.dtype), int(a.nbytes)]
+        for fname, specs in (self.known or {}).items():
+            out.setdefault(fname, {}).update({name: list(spec) for name, spec in specs.items()})
         return out
 
     def write_part(self, staged: Staged, rank: int, owned: Mapping[str, Sequence[str]]
@@ -124,6 +129,12 @@ class TensorPayload:
         shards: dict[str, list[str]] = {}
         base = {e.path: e for e in self.base.files} if self.base is not None else {}
         for fname, tensors in self.tensors.items():
+            missing = sorted(set(owned.get(fname, ())) - set(tensors))
+            if missing:
+                raise RuntimeError(
+                    f"Cannot write tensor '{missing[0]}' of {fname}: this process now writes it, but did not copy it "
+                    "(another process wrote it at the previous save and no longer holds it). Save again: the next "
+                    f"save copies every tensor. Received: {len(missing)} tensor(s) not copied")
             mine = {k: tensors[k] for k in owned.get(fname, ())}
             small, large = codec.plan_shards(mine, (self.groups or {}).get(fname))
             groups = ([small] if small else []) + large  # the small tensors together, the large by group and size
@@ -170,11 +181,14 @@ def process_file(fname: str, rank: int) -> str:
     return f"{stem}.p{rank:05d}.{ext}" if dot else f"{fname}.p{rank:05d}"
 
 
-def owners(held: Sequence[Mapping[str, Mapping[str, Sequence[Any]]]]) -> list[dict[str, list[str]]]:
+def owners(held: Sequence[Mapping[str, Mapping[str, Sequence[Any]]]],
+           previous: Mapping[tuple[str, str], int] | None = None) -> list[dict[str, list[str]]]:
     """Per process (in process order), per file, the tensors it writes.
 
-    ``held[r]`` is what process ``r`` holds: ``{file: {name: [shape, dtype, bytes]}}``.
-    Raises ValueError when two processes hold one name with different shapes or dtypes.
+    ``held[r]`` is what process ``r`` holds: ``{file: {name: [shape, dtype, bytes]}}``. A tensor keeps
+    its ``previous`` owner (``(file, name) -> process``) while that process holds it, so a process can
+    leave out of its next snapshot what the others write. Raises ValueError when two processes hold one
+    name with different shapes or dtypes.
     """
     holders: dict[tuple[str, str], list[int]] = {}
     specs: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -194,7 +208,11 @@ def owners(held: Sequence[Mapping[str, Mapping[str, Sequence[Any]]]]) -> list[di
                 holders.setdefault(key, []).append(rank)
     load = [0] * len(held)
     out: list[dict[str, list[str]]] = [{fname: [] for fname in files} for files in held]
-    for key in sorted(specs, key=lambda k: (-specs[k][2], k)):
+    kept = {key: (previous or {})[key] for key in specs if (previous or {}).get(key, -1) in holders[key]}
+    for key, rank in kept.items():
+        load[rank] += specs[key][2]
+        out[rank].setdefault(key[0], []).append(key[1])
+    for key in sorted((k for k in specs if k not in kept), key=lambda k: (-specs[k][2], k)):
         rank = min(holders[key], key=lambda r: (load[r], r))
         load[rank] += specs[key][2]
         out[rank].setdefault(key[0], []).append(key[1])

@@ -80,7 +80,11 @@ def main() -> None:
         score = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: logs.update(score=scores[e]))
         checkpoint = ModelCheckpoint(os.path.join(args.url, "ckpt-{epoch:02d}"), monitor="score", mode="min",
                                      keep_last=2, keep_best=1, async_save=args.async_save, coordinator=coordinator)
-        model.fit(x, y, batch_size=batch, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[score, checkpoint])
+        staged: list[int] = []  # bytes of this process's snapshot after each save (async_save)
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda e, logs: staged.append(checkpoint._writer.staging.nbytes))
+        model.fit(x, y, batch_size=batch, epochs=args.epochs, shuffle=False, verbose=0,
+                  callbacks=[score, checkpoint, record])
     elif args.mode == "preempt":
         BackupAndRestore(args.url, save_before_preemption=True)  # refused with several processes
     elif args.mode == "restore":
@@ -105,7 +109,7 @@ def main() -> None:
         weights = {f"{i}": gathered(v) for i, v in enumerate(model.weights)}
         np.savez(f"{args.out}-{args.rank}.npz", **weights)
         with open(f"{args.out}-{args.rank}.json", "w") as f:
-            json.dump({"paths": [v.path for v in model.weights],
+            json.dump({"paths": [v.path for v in model.weights], "staged": staged if args.mode == "fit" else [],
                        "sharded": [not v.value.is_fully_replicated for v in model.weights]}, f)
     print("done", flush=True)
 

@@ -95,6 +95,11 @@ def main() -> None:
             continue
         print(f"committed {ckpt.name} v{ckpt.manifest.version}", flush=True)
     mgr.close()
+    if args.world > 1 and args.engine == "torch":
+        import torch.distributed as dist
+
+        dist.barrier()  # (a process that leaves while another still talks to it aborts in gloo's teardown)
+        dist.destroy_process_group()
     if args.out:
         np.savez(f"{args.out}-{args.rank}.npz", **state)
         with open(f"{args.out}-{args.rank}.json", "w") as f:

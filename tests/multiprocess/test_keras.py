@@ -80,6 +80,12 @@ def test_data_parallel_checkpoint_restores_in_one_process_bit_for_bit(tmp_path):
 def test_async_saves_from_two_processes_commit_the_same_checkpoints(tmp_path):
     run(tmp_path, 2, "--mode", "fit", "--url", str(tmp_path / "two"), "--async-save", "--out", str(tmp_path / "fit"))
     assert committed(str(tmp_path / "two")) == [("ckpt-08", 7, 8), ("ckpt-09", 8, 9), ("ckpt-10", 9, 10)]
+    staged = [json.loads((tmp_path / f"fit-{r}.json").read_text())["staged"] for r in range(2)]
+    print(f"snapshot bytes per save, per process: {staged}")
+    whole = staged[0][0]
+    assert staged[1][0] == whole  # the first save copies everything: nobody wrote anything yet
+    for later in range(1, 10):  # then each process copies only what it writes: the state once in all
+        assert staged[0][later] + staged[1][later] == whole and 0 < staged[0][later] < whole
     run(tmp_path, 1, "--mode", "restore", "--url", str(tmp_path / "two" / "ckpt-10"), "--out", str(tmp_path / "one"))
     assert_same(weights(tmp_path / "one-0.npz"), weights(tmp_path / "fit-0.npz"))
 

@@ -179,7 +179,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             # keepbest callbacks listed after this one have not handled this batch yet: on resume they do
             "pending": sorted(k for k, st in callbacks.items() if batch and st.get("seen") != [self._epoch, batch - 1]),
         }
-        tensors, pieces = _state.host_tensors({f: dict(zip(_state.unique_paths(vs), vs)) for f, vs in groups.items()})
+        tensors, pieces, _known = _state.host_tensors({f: dict(zip(_state.unique_paths(vs), vs))
+                                                        for f, vs in groups.items()})
         payload = TensorPayload(
             tensors, process_json={TRAINING_FILE: training}, pieces=pieces or None,
             metadata={f: _state.order_metadata(vs) for f, vs in groups.items()}, format=FORMAT,

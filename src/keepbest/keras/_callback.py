@@ -451,8 +451,10 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._writer.wait()  # back-pressure first: the snapshot reuses the previous save's buffers
         staging = self._writer.staging if self.async_save else None
         save = mgr.save_async if self.async_save else mgr.save
+        # With several processes, the snapshot leaves out what the others write.
+        skip = mgr.owned_elsewhere() if staging is not None else None
         outcome = save(
-            self._step(), _formats.payload_for(self.model, self.format, staging), name=name,
+            self._step(), _formats.payload_for(self.model, self.format, staging, skip), name=name,
             metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
             epoch=epoch + 1, batch=None if batch is None else batch + 1,
             versions=_formats.keras_versions(), extra=self._extra(),

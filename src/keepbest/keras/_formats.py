@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection, Mapping
 
 import keras
 
@@ -128,28 +129,31 @@ def _write_legacy_weights(model: keras.Model, target: Path) -> None:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
-def keepbest_payload(model: keras.Model, weights_only: bool, staging: Staging | None = None) -> TensorPayload:
+def keepbest_payload(model: keras.Model, weights_only: bool, staging: Staging | None = None,
+                     skip: Mapping[str, Collection[str]] | None = None) -> TensorPayload:
     """A keepbest checkpoint folder: tensors, plus the config for ``load_model``.
 
     With ``staging`` the tensors are a snapshot, so the payload may be written
     in the background while training goes on.
     """
-    files, pieces = _state.model_tensors(model, staging)
+    files, pieces, known = _state.model_tensors(model, staging, skip)
     metadata = {_state.WEIGHTS_FILE: _state.order_metadata(model.weights)}
     if _state.OPTIMIZER_FILE in files:
         metadata[_state.OPTIMIZER_FILE] = _state.order_metadata(model.optimizer.variables)
     config = None if weights_only else {_state.CONFIG_FILE: _state.model_config(model)}
     return TensorPayload(files, json_files=config, metadata=metadata, groups=_state.trainability(model),
                          format=KEEPBEST_WEIGHTS if weights_only else KEEPBEST, detached=staging is not None,
-                         pieces=pieces or None)
+                         pieces=pieces or None, known=known or None)
 
 
-def payload_for(model: keras.Model, fmt: str, staging: Staging | None = None) -> KerasFilePayload | TensorPayload:
+def payload_for(model: keras.Model, fmt: str, staging: Staging | None = None,
+                skip: Mapping[str, Collection[str]] | None = None) -> KerasFilePayload | TensorPayload:
     """The payload that writes ``model`` in format ``fmt``; a snapshot when ``staging`` is given
-    and the format allows one (Keras's own file formats do not)."""
+    and the format allows one (Keras's own file formats do not), without the tensors in ``skip``
+    (another process writes them)."""
     if is_keras_file(fmt):
         return KerasFilePayload(model, fmt)
-    return keepbest_payload(model, weights_only=fmt == KEEPBEST_WEIGHTS, staging=staging)
+    return keepbest_payload(model, weights_only=fmt == KEEPBEST_WEIGHTS, staging=staging, skip=skip)
 
 
 def keras_versions() -> dict[str, str]:

@@ -13,7 +13,7 @@ the store's :class:`~keepbest.store.Reader`.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import keras
 import numpy as np
@@ -61,30 +61,48 @@ def trainability(model: keras.Model) -> dict[str, dict[str, str]]:
             for fname, vs in saved_variables(model).items()}
 
 
-def model_tensors(model: keras.Model, staging: Staging | None = None
-                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, tuple[int, ...]]]]:
-    """Host arrays of the saved variables: views (for a save the caller waits for) or,
-    with ``staging``, a snapshot copied into its reusable buffers; and, per file, the whole shapes of
-    the variables held here only as pieces (sharded across processes)."""
-    return host_tensors(saved_variables(model), staging)
+class HostTensors(NamedTuple):
+    """What this process holds of a model, on the host."""
+
+    tensors: dict[str, dict[str, np.ndarray]]
+    """Per file, tensor name -> array (a view, or a snapshot copy)."""
+    pieces: dict[str, dict[str, tuple[int, ...]]]
+    """Per file, the whole shapes of the variables held here only as pieces (sharded across processes)."""
+    known: dict[str, dict[str, list[Any]]]
+    """Per file, the tensors left out of the snapshot (another process writes them): name -> spec."""
 
 
-def host_tensors(variables: dict[str, dict[str, Any]], staging: Staging | None = None
-                 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, tuple[int, ...]]]]:
+def model_tensors(model: keras.Model, staging: Staging | None = None,
+                  skip: Mapping[str, Collection[str]] | None = None) -> HostTensors:
+    """Host arrays of the saved variables: views (for a save the caller waits for) or, with ``staging``,
+    a snapshot copied into its reusable buffers, without the tensors in ``skip`` (per file)."""
+    return host_tensors(saved_variables(model), staging, skip)
+
+
+def host_tensors(variables: dict[str, dict[str, Any]], staging: Staging | None = None,
+                 skip: Mapping[str, Collection[str]] | None = None) -> HostTensors:
     """``{file: {path: variable}}`` as host arrays of what this process holds (see :func:`model_tensors`)."""
     sources: dict[str, dict[str, Any]] = {}
     pieces: dict[str, dict[str, tuple[int, ...]]] = {}
+    known: dict[str, dict[str, list[Any]]] = {}
     for fname, vs in variables.items():
         sources[fname] = {}
+        left_out = (skip or {}).get(fname, ())
         for path, v in vs.items():
             parts, whole = _host.local_parts(v, path)
-            sources[fname].update(parts)
+            for name, src in parts:
+                if staging is not None and name in left_out:
+                    shape, dtype = _host.spec(src)
+                    known.setdefault(fname, {})[name] = [list(shape), codec.dtype_code(dtype),
+                                                         int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+                else:
+                    sources[fname][name] = src
             if whole is not None:
                 pieces.setdefault(fname, {})[path] = whole
     if staging is None:
-        return {f: {p: _host.view(v) for p, v in vs.items()} for f, vs in sources.items()}, pieces
+        return HostTensors({f: {p: _host.view(v) for p, v in vs.items()} for f, vs in sources.items()}, pieces, known)
     _host.prefetch(v for vs in sources.values() for v in vs.values())
-    return staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into), pieces
+    return HostTensors(staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into), pieces, known)
 
 
 def order_metadata(variables: Sequence[Any]) -> dict[str, str]:
