@@ -55,8 +55,11 @@ def _ended_at(directory: Path) -> float:
 
 def _run_pair(tmp_path: Path, *evaluator_args: str, epochs: int = 6) -> tuple[Path, Path, Path, str]:
     directory, tlog, elog = tmp_path / "ckpt", tmp_path / "train.log", tmp_path / "eval.log"
+    # The evaluator runs before training starts (as "every" mode needs: retention cannot keep for an evaluator
+    # what it deleted before the evaluator took its lease); its lease is taken right after its "start" event.
+    evaluator = _spawn("evaluate", directory, elog, "--eval-seconds", "2", *evaluator_args,
+                       ready=lambda: elog.exists() and '"start"' in elog.read_text())
     trainer = _spawn("train", directory, tlog, "--epochs", str(epochs), "--epoch-seconds", "0.5", "--keep-last", "2")
-    evaluator = _spawn("evaluate", directory, elog, "--eval-seconds", "2", *evaluator_args)
     _finish(trainer)
     return directory, tlog, elog, _finish(evaluator)
 
