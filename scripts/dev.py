@@ -11,6 +11,12 @@ installed as the CPU build only (a plain ``pip install torch`` on Linux pulls
 several GB of CUDA wheels): from a local wheel folder when the machine has one
 (``KEEPBEST_TORCH_WHEELS``, default ``/opt/wheels``), else from PyTorch's CPU
 index.
+
+The lock is compiled with (torch and its CUDA wheels left out, see above)::
+
+    uv pip compile pyproject.toml --extra dev --extra jax --universal --no-header \
+        --python-version 3.10 -o requirements/dev.lock \
+        --no-emit-package torch --no-emit-package triton  # and one for each cuda-*/nvidia-* name listed at its end
 """
 
 from __future__ import annotations
@@ -57,8 +63,10 @@ def setup() -> None:
     env = {**os.environ, "UV_COMPILE_BYTECODE": "1", "VIRTUAL_ENV": str(VENV)}
     run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "uv>=0.4"])
     uv = [PY, "-m", "uv", "pip", "install", "--python", PY, "--quiet"]
-    run([*uv, "-r", LOCK], env=env)
+    # torch first: Lightning needs it, and the lock leaves it (and its CUDA wheels) out, so that the
+    # installed CPU build satisfies it instead of a GB-sized download from the registry.
     run([*uv, *torch_source()], env=env)
+    run([*uv, "-r", LOCK], env=env)
     run([*uv, "--no-deps", "-e", ROOT], env=env)
     STAMP.write_text(want)
     print(f"set-up done in {time.time() - t0:.0f} s", flush=True)

@@ -163,11 +163,14 @@ class Staging:
 
     def snapshot(self, sources: Mapping[str, Mapping[str, Any]],
                  spec: Callable[[Any], tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
-                 copy: Callable[[np.ndarray, Any], None] | None = None) -> dict[str, dict[str, np.ndarray]]:
+                 copy: Callable[[np.ndarray, Any], None] | None = None,
+                 allocate: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray] | None = None,
+                 ) -> dict[str, dict[str, np.ndarray]]:
         """Copies ``{file: {tensor: source}}`` into staging buffers; returns the copies.
 
         ``spec(source)`` gives a source's shape and dtype and ``copy(dst, source)``
         fills a buffer (a framework's fastest host copy); both default to NumPy.
+        ``allocate(shape, dtype)`` makes a new buffer (pinned memory, say); ``np.empty`` by default.
         Buffers of tensors absent from this snapshot are freed.
         """
         if self._busy():
@@ -188,7 +191,7 @@ class Staging:
                 shape, dtype = spec(src)
                 buf = self._buffers.get(key)
                 if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-                    buf = self._buffers[key] = np.empty(shape, dtype)
+                    buf = self._buffers[key] = (allocate or np.empty)(tuple(shape), dtype)
                 copy(buf, src)
                 out[fname][name] = buf
         for key in set(self._buffers) - used:

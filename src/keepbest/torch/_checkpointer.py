@@ -1,0 +1,237 @@
+"""``Checkpointer``: crash-safe checkpoints of a plain PyTorch training loop, without pickle."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from keepbest.checkpoint import Checkpoint
+from keepbest.distributed import Coordinator
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
+from keepbest.manager import CheckpointManager
+from keepbest.payload import TensorPayload
+from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, resolve_mode
+from keepbest.publishing import Publisher, PublishQueue
+from keepbest.torch import _host, _state
+from keepbest.writer import SaveHandle
+
+log = logging.getLogger("keepbest")
+
+
+def resolve_coordinator(coordinator: Coordinator | str | None) -> Coordinator | None:
+    """``"auto"``: ``torch.distributed``'s processes when it is initialized with more than one, else none."""
+    if coordinator is None or isinstance(coordinator, Coordinator):
+        return coordinator
+    if coordinator != "auto":
+        raise TypeError("coordinator must be 'auto', None or a keepbest.distributed coordinator "
+                        f"(TorchCoordinator(timeout=...)). Received: coordinator={coordinator!r}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from keepbest.distributed import TorchCoordinator
+
+        return TorchCoordinator()
+    return None
+
+
+class Checkpointer:
+    """Saves and restores the state of a PyTorch training loop, atomically, in safetensors and JSON.
+
+    Args:
+        directory: a folder, ``file://`` or ``s3://bucket/prefix`` URL.
+        monitor: the metric (a key of ``save``'s ``metrics``) that defines the best checkpoint.
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (a loss is minimised).
+        keep_last: keep this many newest checkpoints (None: no limit from this rule).
+        keep_best: keep this many best ones by ``monitor``. With neither, nothing is deleted;
+            the newest and the best are always kept.
+        async_save: ``save`` returns once the tensors are copied into reused host staging
+            (pinned where CUDA is available); the write and the commit run in the background.
+        publishers: W&B / MLflow publishers that mirror each commit (see :class:`keepbest.CheckpointManager`).
+        dedup: link files whose bytes did not change since the previous checkpoint (frozen layers).
+        series: names this checkpointer's checkpoints (``<series>-<step>``) in a shared folder.
+        storage_options: passed to s3fs for an ``s3://`` directory.
+        coordinator: ``"auto"`` (``torch.distributed`` when initialized with several processes),
+            None, or a :class:`keepbest.distributed.TorchCoordinator` (to set its timeout).
+
+    ``app_state`` maps names to anything with ``state_dict()``/``load_state_dict()``
+    (modules, optimizers, LR schedulers, ``GradScaler``, a sampler that has them),
+    ``torch.Generator``s and plain dicts of numbers. The global generators
+    (Python, NumPy, torch CPU and CUDA) are saved too, so a resumed loop draws
+    the same dropout masks and shuffles.
+
+    Example:
+        >>> import tempfile, torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.AdamW(model.parameters())
+        >>> ckpt = Checkpointer(tempfile.mkdtemp(), monitor="loss", keep_last=2)
+        >>> ckpt.save(10, {"model": model, "optimizer": opt}, metrics={"loss": 0.5}).result().step
+        10
+        >>> ckpt.restore({"model": model, "optimizer": opt}).step
+        10
+        >>> ckpt.close()
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, monitor: str | None = None, mode: str = "min",
+                 keep_last: int | None = None, keep_best: int | None = None, async_save: bool = False,
+                 publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True, series: str = "ckpt",
+                 storage_options: Mapping[str, Any] | None = None,
+                 coordinator: Coordinator | str | None = "auto") -> None:
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save must be True or False. Received: async_save={async_save!r}")
+        if monitor is not None and not (isinstance(monitor, str) and monitor):
+            raise TypeError(f"monitor must be a metric name or None. Received: monitor={monitor!r}")
+        if keep_best is not None and monitor is None:
+            raise ValueError("Checkpointer keep_best needs monitor= to rank checkpoints, e.g. monitor='val_loss'. "
+                             f"Received: keep_best={keep_best!r}, monitor=None")
+        keep: list[KeepRule] = []
+        if keep_last is not None:
+            keep.append(KeepLast(keep_last))
+        if keep_best is not None:
+            keep.append(KeepBest(keep_best))
+        watched = Monitor(monitor, resolve_mode(monitor, mode, owner="Checkpointer")) if monitor else None
+        self.async_save = async_save
+        self.manager = CheckpointManager(directory, monitor=watched, keep=keep, series=series, publishers=publishers,
+                                         dedup=dedup, storage_options=storage_options,
+                                         coordinator=resolve_coordinator(coordinator))
+        self._warned_monitor = False
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def save(self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
+             epoch: int | None = None) -> SaveHandle[Checkpoint]:
+        """Saves ``app_state`` as the checkpoint of ``step``; returns a handle whose ``result()`` is the commit.
+
+        Without ``async_save`` the handle is already done. With it, this
+        returns once the tensors are copied (a previous save in flight is
+        waited for first, and its failure raised here); the commit runs in
+        the background. Every process of a ``torch.distributed`` job calls it.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"Checkpointer.save needs the global step as an int >= 0. Received: step={step!r}")
+        _state.check_app_state(app_state, "save")
+        monitor = self.manager.monitor
+        if monitor is not None and monitor.name not in (metrics or {}) and not self._warned_monitor:
+            self._warned_monitor = True
+            log.warning("keepbest: Checkpointer monitors '%s', but save(metrics=...) has no such key (received %s); "
+                        "such checkpoints cannot be the best.", monitor.name, sorted(metrics or {}))
+        captured = _state.capture(app_state)
+        rng_doc = _state.rng_state()
+        mgr = self.manager
+        if self.async_save:
+            mgr.writer.wait()  # back-pressure first: the snapshot reuses the previous save's buffers
+            skip = mgr.owned_elsewhere()
+            sources = {f: {n: t for n, t in ts.items() if n not in skip.get(f, ())} for f, ts in captured.tensors.items()}
+            known = {f: {n: [list(t.shape), _host.codec_code(t), t.numel() * t.element_size()]
+                         for n, t in ts.items() if n in skip.get(f, ())} for f, ts in captured.tensors.items()}
+            tensors = mgr.writer.staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into,
+                                                  allocate=_host.allocate)
+            _host.synchronize(t for ts in sources.values() for t in ts.values())
+        else:
+            tensors = {f: {n: _host.view(t) for n, t in ts.items()} for f, ts in captured.tensors.items()}
+            known = {}
+        payload = TensorPayload(tensors, json_files={_state.STATE_FILE: captured.document},
+                                process_json={_state.RNG_FILE: rng_doc}, format=_state.FORMAT,
+                                detached=self.async_save, groups=captured.groups, known=known or None)
+        versions = {"torch": torch.__version__}
+        if self.async_save:
+            return mgr.save_async(step, payload, metrics=metrics, epoch=epoch, versions=versions)
+        done: Future[Checkpoint] = Future()
+        done.set_result(mgr.save(step, payload, metrics=metrics, epoch=epoch, versions=versions))
+        return SaveHandle(mgr.store.where(), done)
+
+    def wait(self) -> None:
+        """Blocks until the save in flight is committed; raises its failure."""
+        self.manager.wait()
+
+    def close(self) -> None:
+        """Waits for the save in flight and the uploads, then frees the staging memory."""
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The committed checkpoints of this series, oldest first."""
+        return self.manager.checkpoints()
+
+    @property
+    def latest(self) -> Checkpoint | None:
+        return self.manager.latest
+
+    @property
+    def best(self) -> Checkpoint | None:
+        return self.manager.best
+
+    def _chosen(self, which: int | str) -> list[Checkpoint]:
+        """The checkpoint ``which`` names, then (for "latest") the older ones to fall back on."""
+        ckpts = self.manager.checkpoints()
+        if which == "latest":
+            return list(reversed(ckpts))
+        if which == "best":
+            best = self.manager.best
+            if best is None:
+                why = "no monitor was given" if self.manager.monitor is None else "no checkpoint has a value for it"
+                raise CheckpointNotFoundError(
+                    f"No best checkpoint in {self.manager.store.where()}: {why}. Restore 'latest' or a step. "
+                    f"Available: {', '.join(str(c.step) for c in ckpts) or 'none'}.")
+            return [best]
+        if isinstance(which, int) and not isinstance(which, bool):
+            return [self.manager.get(which)]
+        raise ValueError(f"Checkpointer.restore which must be 'latest', 'best' or a step (int). Received: which={which!r}")
+
+    def restore(self, app_state: Mapping[str, Any], which: int | str = "latest", *, strict: bool = True,
+                rng: bool = True) -> Checkpoint | None:
+        """Fills ``app_state``'s objects in place from a checkpoint; returns it (None: nothing saved yet).
+
+        ``which`` is ``"latest"`` (a damaged newest checkpoint is skipped, with a
+        warning, for the next one that verifies), ``"best"`` or a step. Every
+        file is verified against its digest first. Missing or unexpected names,
+        keys or shapes raise :class:`~keepbest.errors.StateMismatchError` before
+        anything changes; ``strict=False`` restores what matches and logs the rest.
+        ``rng=False`` leaves the global random generators as they are.
+        """
+        _state.check_app_state(app_state, "restore")
+        self.manager.wait()
+        candidates = self._chosen(which)
+        if not candidates:
+            return None
+        ckpt = self.manager.verified(candidates, wanted=str(which) if which != "latest" else candidates[0].location)
+        reader = ckpt.reader()
+        entries = _state.read_document(reader)
+        skipped = _state.check_entries(app_state, entries, ckpt.location, strict)
+        states = {n: _state.entry_state(reader, entries[n]) for n in app_state if n in entries}
+        for name, state in states.items():
+            if isinstance(app_state[name], torch.nn.Module):
+                _state.check_module(app_state[name], state, name, ckpt.location, strict)
+        rng_doc = _state.read_rng(reader, self.manager.coordinator.rank) if rng else None
+        for name, state in states.items():
+            target = app_state[name]
+            if isinstance(target, torch.nn.Module):
+                result = target.load_state_dict(state, strict=strict)
+                skipped += [f"{name}.{k} (not in the checkpoint)" for k in result.missing_keys]
+                skipped += [f"{name}.{k} (not in the model)" for k in result.unexpected_keys]
+            elif isinstance(target, torch.Generator):
+                target.set_state(state.clone())
+            elif _state.kind(target) == "state_dict":
+                target.load_state_dict(_state.owned_copy(state))
+            else:
+                target.clear()
+                target.update(_state.owned_copy(state))
+        if rng_doc is not None:
+            _state.restore_rng(rng_doc, reader.where(_state.RNG_FILE))
+        elif rng:
+            raise CorruptCheckpointError(f"Checkpoint {ckpt.location} has no random generator states for process "
+                                         f"{self.manager.coordinator.rank}. Restore with rng=False. "
+                                         f"Received: files={[f.path for f in ckpt.manifest.files]}")
+        if skipped:
+            log.warning("keepbest: restored %s with strict=False; left as they were: %s", ckpt.location,
+                        ", ".join(skipped[:20]))
+        return ckpt

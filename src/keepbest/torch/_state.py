@@ -1,0 +1,208 @@
+"""An ``app_state`` (names to modules, optimizers, schedulers, scalers, generators, dicts) as files, and back.
+
+A checkpoint folder written by :class:`keepbest.torch.Checkpointer` holds
+``app_state.json`` (the structure of every entry, its tensors replaced by
+references), one ``<name>.safetensors`` per entry that has tensors, and
+``rng.json`` (Python's, NumPy's and torch's generators; ``rng.p<r>.json`` for
+process ``r`` of several). Nothing is pickled.
+
+Restoring checks everything before it changes anything: missing and
+unexpected entries and, for a module, missing and unexpected keys and size
+mismatches, reported the way ``torch.nn.Module.load_state_dict`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from keepbest import codec, matching, rng
+from keepbest.errors import CorruptCheckpointError, StateMismatchError
+from keepbest.payload import process_file
+from keepbest.store import Reader
+from keepbest.torch import _host, _tree
+
+STATE_FILE = "app_state.json"
+RNG_FILE = "rng.json"
+FORMAT = "torch"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_RESERVED = {"app_state", "rng"}
+
+
+def kind(value: Any) -> str:
+    """How an app_state entry is saved: by ``state_dict()``, as a generator's state, or as a plain dict."""
+    if isinstance(value, torch.Generator):
+        return "generator"
+    if callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
+        return "state_dict"
+    if isinstance(value, dict):
+        return "dict"
+    return "unknown"
+
+
+def check_app_state(app_state: Any, verb: str) -> None:
+    if not isinstance(app_state, Mapping) or not app_state:
+        raise TypeError(
+            f"Checkpointer.{verb} needs app_state: a non-empty dict of names to objects with state_dict() and "
+            "load_state_dict() (modules, optimizers, LR schedulers, GradScaler), torch.Generators or plain dicts. "
+            f"Example: {{'model': model, 'optimizer': optimizer}}. Received: app_state={app_state!r:.200}")
+    for name, value in app_state.items():
+        if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
+            raise ValueError(
+                f"Checkpointer.{verb}: app_state name {name!r} cannot name a file. Use letters, digits, '_', '.' "
+                f"and '-' (not 'app_state' or 'rng'). Received: app_state keys {list(app_state)!r}")
+        if kind(value) == "unknown":
+            raise TypeError(
+                f"Checkpointer.{verb}: app_state[{name!r}] is a {type(value).__qualname__}, which has no "
+                "state_dict()/load_state_dict(). Pass a module, optimizer, scheduler, GradScaler, sampler with "
+                f"state_dict, torch.Generator or a plain dict. Received: {value!r:.200}")
+
+
+@dataclass
+class Captured:
+    """One save's content, before it becomes files."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]
+    """Per safetensors file, tensor name -> tensor (views of the live state)."""
+    document: dict[str, Any]
+    """``app_state.json``."""
+    groups: dict[str, dict[str, str]]
+    """Per file, tensor name -> "trainable" / "frozen" / "buffer" (shards never mix them)."""
+
+
+def capture(app_state: Mapping[str, Any]) -> Captured:
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, dict[str, str]] = {}
+    entries: dict[str, Any] = {}
+    for name, value in app_state.items():
+        how = kind(value)
+        state = value.get_state() if how == "generator" else value.state_dict() if how == "state_dict" else value
+        found: dict[str, torch.Tensor] = {}
+        tree = _tree.flatten(state, "", found, where=f"app_state[{name!r}]")
+        fname = f"{name}.safetensors" if found else None
+        if fname is not None:
+            tensors[fname] = found
+            if isinstance(value, torch.nn.Module):
+                groups[fname] = _module_groups(value, found)
+        entries[name] = {"kind": how, "type": f"{type(value).__module__}.{type(value).__qualname__}",
+                         "file": fname, "tree": tree}
+    return Captured(tensors, {"keepbest_torch": 1, "entries": entries}, groups)
+
+
+def _module_groups(module: torch.nn.Module, found: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    trainable = {n: p.requires_grad for n, p in module.named_parameters(remove_duplicate=False)}
+    return {n: ("buffer" if n not in trainable else "trainable" if trainable[n] else "frozen") for n in found}
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's global generators (CPU, and each CUDA device that was used)."""
+    doc = rng.capture()
+    doc["torch"] = torch.get_rng_state().tolist()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        doc["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return doc
+
+
+def restore_rng(doc: Any, where: str) -> None:
+    if not (isinstance(doc, dict) and rng.is_valid(doc) and rng.ints(doc.get("torch"), None, 0, 255)):
+        raise CorruptCheckpointError(f"Cannot restore the random generators from {where}: the file is not what "
+                                     "keepbest writes. Restore with rng=False to skip them. Received: a malformed "
+                                     f"document ({str(doc)[:80]}...)")
+    rng.restore(doc)
+    torch.set_rng_state(torch.tensor(doc["torch"], dtype=torch.uint8))
+    if doc.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in doc["cuda"]])
+
+
+# -- reading back ---------------------------------------------------------------------------------------
+
+def read_document(reader: Reader) -> dict[str, Any]:
+    if not reader.has(STATE_FILE):
+        raise StateMismatchError(
+            f"Checkpoint {reader.where()} was not written by keepbest.torch (it has no {STATE_FILE}; its format is "
+            f"'{reader.manifest.format}'). Restore it with the adapter that wrote it. "
+            f"Received: files={[f.path for f in reader.manifest.files]}")
+    try:
+        doc = json.loads(reader.read(STATE_FILE))
+        entries = doc["entries"]
+        assert isinstance(entries, dict)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise CorruptCheckpointError(f"Cannot read {reader.where(STATE_FILE)}: {e}. It is not what keepbest wrote. "
+                                     "Restore another checkpoint. Received: a malformed document") from None
+    return entries
+
+
+def read_rng(reader: Reader, rank: int) -> Any | None:
+    fname = process_file(RNG_FILE, rank)
+    if not reader.has(fname):
+        return None
+    return json.loads(reader.read(fname))
+
+
+def entry_state(reader: Reader, entry: Mapping[str, Any]) -> Any:
+    """One entry's state dict, its tensors viewing the checkpoint's (read-only, memory-mapped) files."""
+    arrays = codec.load(reader.buffer, entry["file"], reader.where) if entry.get("file") else {}
+    tensors = {k: _host.tensor(a) for k, a in arrays.items()}
+    missing = _tree.tensor_names(entry["tree"]) - set(tensors)
+    if missing:
+        raise CorruptCheckpointError(f"Cannot read {reader.where(entry.get('file') or STATE_FILE)}: tensors "
+                                     f"{sorted(missing)[:5]} are referenced but not stored. Restore another "
+                                     "checkpoint. Received: a file without them")
+    return _tree.unflatten(entry["tree"], tensors)
+
+
+def check_entries(app_state: Mapping[str, Any], entries: Mapping[str, Any], where: str, strict: bool) -> list[str]:
+    """Raises for entries that cannot be restored; returns what ``strict=False`` leaves as it is."""
+    missing = [n for n in app_state if n not in entries]
+    unexpected = [n for n in entries if n not in app_state]
+    wrong = [f"{n}: saved as {entries[n]['kind']} ({entries[n].get('type')}), given a {type(app_state[n]).__qualname__}"
+             for n in app_state if n in entries and entries[n]["kind"] != kind(app_state[n])]
+    if wrong or (strict and (missing or unexpected)):
+        raise StateMismatchError(
+            f"Error(s) in restoring app_state from {where}: Missing key(s) in checkpoint: {matching.names(missing)}. "
+            f"Unexpected key(s) in checkpoint: {matching.names(unexpected)}."
+            + (f" Different kinds: {'; '.join(wrong)}." if wrong else "")
+            + " Pass the same app_state names as at the save, or strict=False to restore only the common ones. "
+            f"Received: app_state keys {list(app_state)}, saved {list(entries)}")
+    return [f"{n} (not in the checkpoint)" for n in missing]
+
+
+def check_module(module: torch.nn.Module, saved: Mapping[str, Any], name: str, where: str, strict: bool) -> None:
+    """``load_state_dict``'s checks, made before anything is copied (so a failure changes nothing)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    sizes = [f'size mismatch for {k}: copying a param with shape {tuple(saved[k].shape)} from checkpoint, the shape '
+             f'in current model is {tuple(own[k].shape)}' for k in own
+             if k in saved and isinstance(own[k], torch.Tensor) and tuple(own[k].shape) != tuple(saved[k].shape)]
+    if sizes or (strict and (missing or unexpected)):
+        raise StateMismatchError(
+            f"Error(s) in loading state_dict for {type(module).__name__} (app_state[{name!r}]) from {where}: "
+            f"Missing key(s) in state_dict: {matching.names(missing)}. "
+            f"Unexpected key(s) in state_dict: {matching.names(unexpected)}. "
+            + ("; ".join(sizes[:20]) + ". " if sizes else "")
+            + "Build the same model as the one saved, or pass strict=False to skip missing and unexpected keys. "
+            f"Received: {len(saved)} saved tensors for {len(own)} in the model")
+
+
+def owned_copy(state: Any) -> Any:
+    """``state`` with its tensors copied out of the checkpoint's read-only memory (an optimizer keeps them)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, np.ndarray):
+        return state.copy()
+    if isinstance(state, list):
+        return [owned_copy(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(owned_copy(v) for v in state)
+    if isinstance(state, dict):
+        out = type(state)((k, owned_copy(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            out._metadata = state._metadata
+        return out
+    return state
