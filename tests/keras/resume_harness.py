@@ -24,8 +24,8 @@ SAVE_FREQ = 3  # the killed runs' backups: one every 3 steps
 SLOW = 0.02  # the killed runs' pause after each step (s)
 
 
-def run_child(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300)
+def run_child(*args: str, child: Path = CHILD) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, str(child), *args], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"resume child failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return proc
@@ -62,7 +62,7 @@ class Trial(NamedTuple):
     weights: str  # the hash of the final run's weights
 
 
-def kill_then_resume(folder: Path, rng: random.Random, kills: int = 2) -> Trial:
+def kill_then_resume(folder: Path, rng: random.Random, kills: int = 2, child_script: Path = CHILD) -> Trial:
     """``kills`` SIGKILLs at random moments of training, then a run to the end.
 
     Each kill waits for a step drawn at random (after the run has written a backup of its own,
@@ -70,12 +70,13 @@ def kill_then_resume(folder: Path, rng: random.Random, kills: int = 2) -> Trial:
     of the next steps: training, a backup being written, or the pause between steps. It checks
     that the kill found the run still training: a run that has reached its last step has, with
     ``delete_checkpoint=True``, deleted its backups, and the final run would then train from
-    scratch, ending equal to an uninterrupted run without proving anything.
+    scratch, ending equal to an uninterrupted run without proving anything. ``child_script`` is
+    ``resume_child.py`` (Keras) or a script with the same arguments and log lines (``tests/torch/train_child.py``).
     """
     reached = []
     for attempt in range(kills):
         log = folder / f"log{attempt}"
-        child = spawn([sys.executable, str(CHILD), str(folder / "backup"), str(log), "--save-freq", str(SAVE_FREQ),
+        child = spawn([sys.executable, str(child_script), str(folder / "backup"), str(log), "--save-freq", str(SAVE_FREQ),
                        "--slow", str(SLOW)], ready=lambda: started(log) is not None, what="the resume child",
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         first = started(log)
@@ -97,5 +98,5 @@ def kill_then_resume(folder: Path, rng: random.Random, kills: int = 2) -> Trial:
             f"kill {attempt + 1} came after the end of training (last step {last} of {FINAL_STEP})")
         reached.append(last)
     final = folder / "final"
-    run_child(str(folder / "backup"), str(final), "--save-freq", str(SAVE_FREQ))
+    run_child(str(folder / "backup"), str(final), "--save-freq", str(SAVE_FREQ), child=child_script)
     return Trial(reached, started(final) or 0, final_weights(final))
