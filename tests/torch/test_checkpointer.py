@@ -235,7 +235,7 @@ def test_restore_of_an_empty_folder_returns_none_and_a_missing_step_raises(tmp_p
     ckpt.save(5, {"model": torch.nn.Linear(2, 1)})
     with pytest.raises(CheckpointNotFoundError, match=r"No checkpoint at step 7 .*Available: 5\."):
         ckpt.restore({"model": torch.nn.Linear(2, 1)}, 7)
-    with pytest.raises(CheckpointNotFoundError, match="No best checkpoint .*no monitor was given"):
+    with pytest.raises(CheckpointNotFoundError, match="No best checkpoint .*no monitor was given or recorded"):
         ckpt.restore({"model": torch.nn.Linear(2, 1)}, "best")
 
 

@@ -176,9 +176,12 @@ class Checkpointer:
         if which == "latest":
             return list(reversed(ckpts))
         if which == "best":
-            best = self.manager.best
+            # Without a monitor here, the one the series recorded (a restore-only Checkpointer needs none).
+            recorded = next((c.manifest.monitor.name for c in reversed(ckpts) if c.manifest.monitor), None)
+            metric = self.manager.monitor.name if self.manager.monitor else recorded
+            best = self.manager.recorded_best(metric) if metric else None
             if best is None:
-                why = "no monitor was given" if self.manager.monitor is None else "no checkpoint has a value for it"
+                why = "no monitor was given or recorded" if metric is None else f"no checkpoint has a value of {metric}"
                 raise CheckpointNotFoundError(
                     f"No best checkpoint in {self.manager.store.where()}: {why}. Restore 'latest' or a step. "
                     f"Available: {', '.join(str(c.step) for c in ckpts) or 'none'}.")
