@@ -8,7 +8,8 @@ is neither a tensor nor JSON data is refused with its path.
 
 The JSON markers: ``{"__tensor__": name}``, ``{"__tuple__": [...]}``,
 ``{"__items__": [[key, value], ...]}`` for a dict whose keys are not all
-strings (an optimizer's ``state`` is keyed by parameter index) and for a
+strings (an optimizer's ``state`` is keyed by parameter index) or not in
+sorted order (JSON objects are written sorted; the order is kept), and for a
 module's ``OrderedDict`` with its ``_metadata`` (versions that
 ``load_state_dict`` passes to layers), ``{"__float__": "nan"}`` for
 non-finite floats, ``{"__dtype__": "float32"}`` and ``{"__device__": "cpu"}``.
@@ -78,7 +79,10 @@ def flatten(value: Any, path: str, tensors: dict[str, torch.Tensor],
         return [flatten(v, _join(path, i), tensors, seen, where) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         metadata = getattr(value, "_metadata", None)
-        if metadata is None and all(isinstance(k, str) and k not in MARKERS for k in value):
+        keys = list(value)
+        # A JSON object is written with sorted keys: other orders (an optimizer's per-parameter state) keep theirs
+        # as a list of items, so the restored state_dict iterates as the saved one did.
+        if metadata is None and all(isinstance(k, str) and k not in MARKERS for k in keys) and keys == sorted(keys):
             return {k: flatten(v, _join(path, k), tensors, seen, where) for k, v in value.items()}
         doc: dict[str, Any] = {"__items__": [[flatten(k, path, {}, {}, where), flatten(v, _join(path, k), tensors, seen,
                                                                                        where)]
