@@ -497,6 +497,32 @@ class CheckpointManager:
         self._publish(None, record, gone)
         return [m.name for m in gone]
 
+    def delete(self, name: str, reason: str = "deleted by the caller") -> bool:
+        """Deletes this series' checkpoint ``name`` (an adapter's own retention: Lightning's top-k); returns whether
+        it is gone. One that a user alias or a running evaluation holds, or the newest, stays (logged). Process 0
+        deletes; the others return False."""
+        self.writer.wait()
+        mine = self._mine()
+        target = [m for m in mine if m.name == name]
+        if not self.committer or not target:
+            return False
+        held = evaluation.held(self.store, mine, time.time())
+        newest = in_commit_order(mine)[-1].name
+        allowed = [] if name in held or name == newest else self.index.retire(target)
+        if not allowed:
+            why = "it is the newest" if name == newest else "an evaluator is reading it" if name in held else \
+                "a user alias holds it"
+            log.warning("keepbest: kept %s, which was to be deleted (%s): %s.", self.store.where(name), reason, why)
+            return False
+        events: list[dict[str, Any]] = []
+        for m in allowed:
+            self.store.delete(m)
+            events.append(history.deleted(m, reason))
+        record = self.index.refresh([m for m in mine if m not in allowed])
+        history.append(self.store, self.series, events)
+        self._publish(None, record, allowed)
+        return True
+
     def delete_all(self) -> list[str]:
         """Deletes every checkpoint of this series, its records and, if nothing else is left, the folder
         (process 0 deletes)."""

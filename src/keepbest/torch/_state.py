@@ -32,6 +32,7 @@ RNG_FILE = "rng.json"
 FORMAT = "torch"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RESERVED = {"app_state", "rng"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def kind(value: Any) -> str:
@@ -92,6 +93,28 @@ def capture(app_state: Mapping[str, Any]) -> Captured:
         entries[name] = {"kind": how, "type": f"{type(value).__module__}.{type(value).__qualname__}",
                          "file": fname, "tree": tree}
     return Captured(tensors, {"keepbest_torch": 1, "entries": entries}, groups)
+
+
+def capture_values(values: Mapping[str, Any]) -> Captured:
+    """Any mapping of names to tensors and JSON data (a Lightning checkpoint), one entry per top-level key."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    entries: dict[str, Any] = {}
+    for i, (name, value) in enumerate(values.items()):
+        if not isinstance(name, str):
+            raise TypeError(f"Cannot save a checkpoint whose top-level key {name!r} is not a string. Use string keys. "
+                            f"Received: keys {list(values)!r}")
+        found: dict[str, torch.Tensor] = {}
+        tree = _tree.flatten(value, "", found, where=f"checkpoint[{name!r}]")
+        fname = f"{i:03d}-{_UNSAFE.sub('_', name)[:100]}.safetensors" if found else None
+        if fname is not None:
+            tensors[fname] = found
+        entries[name] = {"kind": "value", "file": fname, "tree": tree}
+    return Captured(tensors, {"keepbest_torch": 1, "entries": entries}, {})
+
+
+def read_values(reader: Reader) -> dict[str, Any]:
+    """What :func:`capture_values` saved, its tensors copied out of the checkpoint's files."""
+    return {name: owned_copy(entry_state(reader, entry)) for name, entry in read_document(reader).items()}
 
 
 def _module_groups(module: torch.nn.Module, found: Mapping[str, torch.Tensor]) -> dict[str, str]:
