@@ -137,9 +137,10 @@ class CheckpointIO(BaseCheckpointIO):
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
         if self.async_save:
             self.writer.wait()  # back-pressure: the snapshot reuses the previous save's buffers
-            tensors = self.writer.staging.snapshot(captured.tensors, spec=_host.spec, copy=_host.copy_into,
+            copier = _host.Copier()
+            tensors = self.writer.staging.snapshot(captured.tensors, spec=_host.spec, copy=copier,
                                                    allocate=_host.allocate)
-            _host.synchronize(t for ts in captured.tensors.values() for t in ts.values())
+            copier.run()
         else:
             tensors = {f: {n: _host.view(t) for n, t in ts.items()} for f, ts in captured.tensors.items()}
         payload = TensorPayload(tensors, json_files={_state.STATE_FILE: captured.document},

@@ -126,9 +126,9 @@ class Checkpointer:
             sources = {f: {n: t for n, t in ts.items() if n not in skip.get(f, ())} for f, ts in captured.tensors.items()}
             known = {f: {n: [list(t.shape), _host.codec_code(t), t.numel() * t.element_size()]
                          for n, t in ts.items() if n in skip.get(f, ())} for f, ts in captured.tensors.items()}
-            tensors = mgr.writer.staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into,
-                                                  allocate=_host.allocate)
-            _host.synchronize(t for ts in sources.values() for t in ts.values())
+            copier = _host.Copier()
+            tensors = mgr.writer.staging.snapshot(sources, spec=_host.spec, copy=copier, allocate=_host.allocate)
+            copier.run()
         else:
             tensors = {f: {n: _host.view(t) for n, t in ts.items()} for f, ts in captured.tensors.items()}
             known = {}

@@ -13,6 +13,7 @@ mismatches, reported the way ``torch.nn.Module.load_state_dict`` does.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
@@ -125,21 +126,38 @@ def _module_groups(module: torch.nn.Module, found: Mapping[str, torch.Tensor]) -
 def rng_state() -> dict[str, Any]:
     """Python's, NumPy's and torch's global generators (CPU, and each CUDA device that was used)."""
     doc = rng.capture()
-    doc["torch"] = torch.get_rng_state().tolist()
+    doc["torch"] = _b64(torch.get_rng_state())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        doc["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        doc["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return doc
 
 
+def _b64(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _bytes(text: Any, size: int | None) -> torch.Tensor | None:
+    """A generator state from :func:`_b64`, or None when it is not one (of ``size`` bytes)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        return None
+    if size is not None and len(raw) != size:
+        return None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
 def restore_rng(doc: Any, where: str) -> None:
-    if not (isinstance(doc, dict) and rng.is_valid(doc) and rng.ints(doc.get("torch"), None, 0, 255)):
+    cpu = _bytes(doc.get("torch"), torch.get_rng_state().numel()) if isinstance(doc, dict) else None
+    cuda = [_bytes(s, None) for s in doc.get("cuda") or []] if cpu is not None else []
+    if cpu is None or not rng.is_valid(doc) or any(s is None for s in cuda):
         raise CorruptCheckpointError(f"Cannot restore the random generators from {where}: the file is not what "
                                      "keepbest writes. Restore with rng=False to skip them. Received: a malformed "
                                      f"document ({str(doc)[:80]}...)")
     rng.restore(doc)
-    torch.set_rng_state(torch.tensor(doc["torch"], dtype=torch.uint8))
-    if doc.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in doc["cuda"]])
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # -- reading back ---------------------------------------------------------------------------------------
@@ -215,16 +233,34 @@ def check_module(module: torch.nn.Module, saved: Mapping[str, Any], name: str, w
 
 def owned_copy(state: Any) -> Any:
     """``state`` with its tensors copied out of the checkpoint's read-only memory (an optimizer keeps them)."""
+    found: list[torch.Tensor] = []
+    _collect(state, found)
+    copies = dict(zip(map(id, found), _host.owned(found)))
+    return _replaced(state, copies)
+
+
+def _collect(state: Any, out: list[torch.Tensor]) -> None:
     if isinstance(state, torch.Tensor):
-        return state.clone()
+        out.append(state)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            _collect(v, out)
+    elif isinstance(state, dict):
+        for v in state.values():
+            _collect(v, out)
+
+
+def _replaced(state: Any, copies: Mapping[int, torch.Tensor]) -> Any:
+    if isinstance(state, torch.Tensor):
+        return copies[id(state)]
     if isinstance(state, np.ndarray):
         return state.copy()
     if isinstance(state, list):
-        return [owned_copy(v) for v in state]
+        return [_replaced(v, copies) for v in state]
     if isinstance(state, tuple):
-        return tuple(owned_copy(v) for v in state)
+        return tuple(_replaced(v, copies) for v in state)
     if isinstance(state, dict):
-        out = type(state)((k, owned_copy(v)) for k, v in state.items())
+        out = type(state)((k, _replaced(v, copies)) for k, v in state.items())
         if hasattr(state, "_metadata"):
             out._metadata = state._metadata
         return out
