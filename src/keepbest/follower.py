@@ -27,13 +27,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from keepbest import evaluation, store as stores
 from keepbest.checkpoint import Checkpoint
+from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.evaluation import EvaluatorState, commit_id
 from keepbest.manifest import Manifest
 from keepbest.store import RecordConflictError
+
+
+RETRY_DELAYS = (0.2, 0.5, 1.0)  # a checkpoint that fails to load is tried this many more times
 
 
 class EvaluatorConflictError(RuntimeError):
@@ -237,3 +241,39 @@ class Follower:
         with self._lock:
             self.state.evaluating = None
             self._save_state()
+
+    def load(self, ckpt: Checkpoint, restore: Callable[[Checkpoint], None], say: Callable[[str], None] | None = None,
+             who: str = "SidecarEvaluator") -> bool:
+        """Verifies ``ckpt`` and runs ``restore(ckpt)`` (a framework's load); False when it vanished, was
+        replaced or is quarantined. A failed load is tried again after short waits (the checkpoint may have been
+        replaced while it was read); one that still fails is quarantined (skipped from then on)."""
+        error: Exception | None = None
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
+            time.sleep(delay)
+            if attempt and not self.still_committed(ckpt):
+                break
+            try:
+                self.verify(ckpt)
+                restore(ckpt)
+            except CheckpointNotFoundError:  # deleted or saved again while it was read
+                break
+            except (CorruptCheckpointError, OSError) as e:  # replaced or deleted meanwhile, or damaged: look again
+                error = e
+                continue
+            if self.still_committed(ckpt):  # nothing replaced it while it was read
+                return True
+            break
+        else:
+            assert error is not None
+            if self.replacing(ckpt):  # a commit is half-way: its manifest comes next
+                self.skip(ckpt)
+                return False
+            self.quarantine(ckpt, error)
+            if say is not None:
+                say(f"{who}: quarantined {ckpt.name}: it still fails after {len(RETRY_DELAYS) + 1} attempts "
+                    f"({error}). It is skipped; the next checkpoint follows.")
+            return False
+        self.skip(ckpt)
+        if say is not None:
+            say(f"{who}: {ckpt.name} was deleted or saved again while it was read; moving on.")
+        return False

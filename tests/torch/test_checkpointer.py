@@ -253,3 +253,33 @@ def test_latest_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
     with pytest.warns(UserWarning, match="instead of .*ckpt-000000002.*does not match its manifest"):
         assert ckpt.restore({"model": fresh_model}).step == 1
     assert_same_state(good, fresh_model.state_dict())
+
+
+def test_export_writes_a_state_dict_file_that_torch_load_weights_only_reads(tmp_path):
+    model, _, _ = trained()
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(3, {"model": model})
+    exported = ckpt.export(tmp_path / "out" / "model.pt")
+    assert exported.manifest.format == "torch-state-dict" and exported.step == 3
+    loaded = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert_same_state(model.state_dict(), loaded)
+    m2, _, _ = fresh()
+    m2.load_state_dict(loaded)
+    assert m2.out.weight is m2.emb.weight
+
+
+def test_import_state_dict_makes_a_checkpoint_that_restores_into_a_module(tmp_path):
+    model, _, _ = trained()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    ckpt = Checkpointer(tmp_path / "run")
+    assert ckpt.import_state_dict(tmp_path / "plain.pt", step=7).step == 7
+    m2, _, _ = fresh()
+    ckpt.restore({"model": m2}, rng=True)
+    assert_same_state(model.state_dict(), m2.state_dict())
+
+
+def test_export_names_the_entries_when_asked_for_a_missing_one(tmp_path):
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(1, {"net": torch.nn.Linear(2, 1)})
+    with pytest.raises(ValueError, match=r"no app_state entry 'model'. Pass entry= one of \['net'\]"):
+        ckpt.export(tmp_path / "model.pt")

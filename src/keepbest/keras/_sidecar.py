@@ -11,13 +11,11 @@ import numpy as np
 
 from keepbest import store as stores
 from keepbest.checkpoint import Checkpoint
-from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.follower import Follower
 from keepbest.keras import _formats, _state
 from keepbest.keras._callback import ModelCheckpoint, _is_number, _print_msg
 from keepbest.keras._loading import _build_optimizer_if_saved
 
-_RETRY_DELAYS = (0.2, 0.5, 1.0)  # a checkpoint that fails to load is tried this many more times
 
 
 class SidecarEvaluator:
@@ -151,36 +149,7 @@ class SidecarEvaluator:
 
     def _restore(self, follower: Follower, ckpt: Checkpoint) -> bool:
         """Loads ``ckpt`` into the model; False when it vanished, was replaced or is quarantined."""
-        error: Exception | None = None
-        for attempt, delay in enumerate((0.0, *_RETRY_DELAYS)):
-            time.sleep(delay)
-            if attempt and not follower.still_committed(ckpt):
-                break
-            try:
-                follower.verify(ckpt)
-                _restore_into(self.model, ckpt)
-            except CheckpointNotFoundError:  # deleted or saved again while it was read
-                break
-            except (CorruptCheckpointError, OSError) as e:  # replaced or deleted meanwhile, or damaged: look again
-                error = e
-                continue
-            if follower.still_committed(ckpt):  # nothing replaced it while it was read
-                return True
-            break
-        else:
-            assert error is not None
-            if follower.replacing(ckpt):  # a commit is half-way: its manifest comes next
-                follower.skip(ckpt)
-                return False
-            follower.quarantine(ckpt, error)
-            if self.verbose:
-                _print_msg(f"SidecarEvaluator: quarantined {ckpt.name}: it still fails after "
-                           f"{len(_RETRY_DELAYS) + 1} attempts ({error}). It is skipped; the next checkpoint follows.")
-            return False
-        follower.skip(ckpt)
-        if self.verbose:
-            _print_msg(f"SidecarEvaluator: {ckpt.name} was deleted or saved again while it was read; moving on.")
-        return False
+        return follower.load(ckpt, lambda c: _restore_into(self.model, c), _print_msg if self.verbose else None)
 
 
 def _restore_into(model: keras.Model, ckpt: Checkpoint) -> None:

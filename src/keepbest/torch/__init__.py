@@ -11,5 +11,6 @@ Only this package (and :mod:`keepbest.lightning`) imports torch::
 """
 
 from keepbest.torch._checkpointer import Checkpointer
+from keepbest.torch._sidecar import SidecarEvaluator, accuracy
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "SidecarEvaluator", "accuracy"]

@@ -16,7 +16,7 @@ from keepbest.manager import CheckpointManager
 from keepbest.payload import TensorPayload
 from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, resolve_mode
 from keepbest.publishing import Publisher, PublishQueue
-from keepbest.torch import _host, _state
+from keepbest.torch import _host, _interop, _state
 from keepbest.writer import SaveHandle
 
 log = logging.getLogger("keepbest")
@@ -36,6 +36,19 @@ def resolve_coordinator(coordinator: Coordinator | str | None) -> Coordinator | 
 
         return TorchCoordinator()
     return None
+
+
+class _Loaded:
+    """A state dict read from a file, saved as an app_state entry of kind state_dict."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # pragma: no cover - never restored into
+        raise NotImplementedError
 
 
 class Checkpointer:
@@ -94,10 +107,12 @@ class Checkpointer:
             keep.append(KeepBest(keep_best))
         watched = Monitor(monitor, resolve_mode(monitor, mode, owner="Checkpointer")) if monitor else None
         self.async_save = async_save
+        self.storage_options = dict(storage_options) if storage_options else None
         self.manager = CheckpointManager(directory, monitor=watched, keep=keep, series=series, publishers=publishers,
                                          dedup=dedup, storage_options=storage_options,
                                          coordinator=resolve_coordinator(coordinator))
         self._warned_monitor = False
+        self._saved = False  # this Checkpointer saved: training runs, and close() marks its end for evaluators
 
     # -- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
@@ -117,6 +132,9 @@ class Checkpointer:
             self._warned_monitor = True
             log.warning("keepbest: Checkpointer monitors '%s', but save(metrics=...) has no such key (received %s); "
                         "such checkpoints cannot be the best.", monitor.name, sorted(metrics or {}))
+        if not self._saved:
+            self._saved = True
+            self.manager.clear_training_end()  # evaluators wait for this series' checkpoints again
         captured = _state.capture(app_state)
         rng_doc = _state.rng_state()
         mgr = self.manager
@@ -142,13 +160,47 @@ class Checkpointer:
         done.set_result(mgr.save(step, payload, metrics=metrics, epoch=epoch, versions=versions))
         return SaveHandle(mgr.store.where(), done)
 
+    # -- interop --------------------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike[str], which: int | str = "latest", entry: str = "model") -> Checkpoint:
+        """Writes app_state ``entry`` of a checkpoint as a plain ``torch.save`` file at ``path`` (a local path or
+        URL), loadable with ``torch.load(path, weights_only=True)`` by tools that know nothing of keepbest. The
+        file is committed atomically with a manifest (``keepbest verify`` checks it); returns that commit."""
+        self.manager.wait()
+        candidates = self._chosen(which)
+        if not candidates:
+            raise CheckpointNotFoundError(f"No checkpoint in {self.manager.store.where()} to export. Save one first. "
+                                          "Available: none.")
+        ckpt = self.manager.verified(candidates[:1], wanted=str(which))
+        reader = ckpt.reader()
+        entries = _state.read_document(reader)
+        if entry not in entries:
+            raise ValueError(f"Checkpoint {ckpt.location} has no app_state entry '{entry}'. Pass entry= one of "
+                             f"{sorted(entries)}. Received: entry={entry!r}")
+        state = _state.owned_copy(_state.entry_state(reader, entries[entry]))
+        folder, name = _interop.split(path)
+        exporter = CheckpointManager(folder, series="export", dedup=False,
+                                     storage_options=self.storage_options, coordinator=None)
+        return exporter.save(ckpt.step, _interop.StateDictFile(state), name=name, epoch=ckpt.epoch,
+                             metrics=ckpt.metrics, extra={"exported_from": ckpt.location, "entry": entry})
+
+    def import_state_dict(self, path: str | os.PathLike[str], step: int, entry: str = "model") -> Checkpoint:
+        """Saves the state dict in a ``torch.save`` file (read with ``torch.load(weights_only=True)``) as this
+        series' checkpoint of ``step``, under app_state name ``entry``; ``restore`` then fills a module from it."""
+        state = _interop.read(path, self.storage_options)
+        return self.save(step, {entry: _Loaded(state)}).result()
+
     def wait(self) -> None:
         """Blocks until the save in flight is committed; raises its failure."""
         self.manager.wait()
 
     def close(self) -> None:
-        """Waits for the save in flight and the uploads, then frees the staging memory."""
-        self.manager.close()
+        """Waits for the save in flight and the uploads, then frees the staging memory. After saves, it tells
+        sidecar evaluators that training ended (they stop once they evaluated what is left)."""
+        try:
+            if self._saved:
+                self.manager.mark_training_end()
+        finally:
+            self.manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
