@@ -142,7 +142,7 @@ LAYERS = {
     0: {"keepbest._version", "keepbest.errors", "keepbest.manifest", "keepbest._digest"},
     1: {"keepbest.policy", "keepbest.codec", "keepbest.writer", "keepbest.rng", "keepbest.matching", "keepbest.store",
         "keepbest.distributed"},
-    3: {"keepbest.cli", "keepbest.keras"},
+    3: {"keepbest.cli", "keepbest.keras", "keepbest.torch", "keepbest.lightning"},
 }
 
 
@@ -154,7 +154,11 @@ def level(name: str) -> int:
 
 
 # Sibling entry points that may import each other, and why.
-ALLOWED_IMPORTS = {("keepbest.cli", "keepbest.keras"): "`keepbest sidecar` runs a Keras evaluator (imported when it runs)"}
+ALLOWED_IMPORTS = {
+    ("keepbest.cli", "keepbest.keras"): "`keepbest sidecar` runs a Keras evaluator (imported when it runs)",
+    ("keepbest.lightning._io", "keepbest.torch._host"): "Lightning's state is torch state: the same host copies",
+    ("keepbest.lightning._io", "keepbest.torch._state"): "... and the same safetensors + JSON layout",
+}
 
 
 def test_every_module_imports_only_from_lower_layers():
@@ -176,6 +180,25 @@ def test_only_keepbest_keras_imports_keras():
                            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "keras"))
                            for n in ast.walk(ast.parse(path.read_text()))))
     assert importers == []
+
+
+def importers_of(package: str) -> set[str]:
+    """keepbest modules that import ``package`` (anywhere in their source)."""
+    found = set()
+    for name, path in modules().items():
+        for n in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(n, ast.Import) and any(a.name.split(".")[0] == package for a in n.names)) or (
+                    isinstance(n, ast.ImportFrom) and not n.level and (n.module or "").split(".")[0] == package):
+                found.add(name)
+    return found
+
+
+def test_only_the_torch_adapters_import_torch_and_only_keepbest_lightning_imports_lightning():
+    allowed = {"keepbest.distributed._torch",  # torch.distributed carries the messages of a save
+               "keepbest.keras._host",  # Keras on its torch backend: variables are torch tensors
+               "keepbest.keras._resume"}  # ... and torch's generator shuffles its DataLoaders
+    assert {m for m in importers_of("torch") if not m.startswith(("keepbest.torch", "keepbest.lightning"))} == allowed
+    assert {m for m in importers_of("lightning") | importers_of("pytorch_lightning")} == {"keepbest.lightning._compat"}
 
 
 # -- the same rule, checked at run time ------------------------------------------------------------------

@@ -48,7 +48,7 @@ class ModelCheckpoint(BaseModelCheckpoint):
                  train_time_interval: timedelta | None = None, every_n_epochs: int | None = None,
                  save_on_train_epoch_end: bool | None = None, enable_version_counter: bool = True, *,
                  async_save: bool = False, storage_options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
+        super().__init__(dirpath=None if dirpath is None else os.fspath(dirpath), filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
                          save_top_k=save_top_k, save_on_exception=save_on_exception,
                          save_weights_only=save_weights_only, mode=mode,
                          auto_insert_metric_name=auto_insert_metric_name, every_n_train_steps=every_n_train_steps,

@@ -24,7 +24,8 @@ import torch
 
 from keepbest import codec
 
-_EXOTIC = {torch.bfloat16: ("bfloat16", torch.int16, np.int16)}
+_EXOTIC: dict[torch.dtype, tuple[str, torch.dtype, type[np.integer[Any]]]] = {
+    torch.bfloat16: ("bfloat16", torch.int16, np.int16)}
 for _name, _torch_name in (("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2")):
     if hasattr(torch, _torch_name):
         _EXOTIC[getattr(torch, _torch_name)] = (_name, torch.uint8, np.uint8)

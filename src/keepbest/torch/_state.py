@@ -149,8 +149,9 @@ def _bytes(text: Any, size: int | None) -> torch.Tensor | None:
 
 def restore_rng(doc: Any, where: str) -> None:
     cpu = _bytes(doc.get("torch"), torch.get_rng_state().numel()) if isinstance(doc, dict) else None
-    cuda = [_bytes(s, None) for s in doc.get("cuda") or []] if cpu is not None else []
-    if cpu is None or not rng.is_valid(doc) or any(s is None for s in cuda):
+    found = [_bytes(s, None) for s in doc.get("cuda") or []] if cpu is not None else []
+    cuda = [s for s in found if s is not None]
+    if cpu is None or not rng.is_valid(doc) or len(cuda) != len(found):
         raise CorruptCheckpointError(f"Cannot restore the random generators from {where}: the file is not what "
                                      "keepbest writes. Restore with rng=False to skip them. Received: a malformed "
                                      f"document ({str(doc)[:80]}...)")
@@ -262,6 +263,6 @@ def _replaced(state: Any, copies: Mapping[int, torch.Tensor]) -> Any:
     if isinstance(state, dict):
         out = type(state)((k, _replaced(v, copies)) for k, v in state.items())
         if hasattr(state, "_metadata"):
-            out._metadata = state._metadata
+            out._metadata = state._metadata  # type: ignore[attr-defined]
         return out
     return state
