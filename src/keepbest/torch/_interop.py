@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from keepbest import store as stores
+from keepbest import discovery, store as stores
 from keepbest.manifest import FileEntry, Manifest
 from keepbest.store import Staged
 
@@ -48,11 +48,14 @@ def split(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 def read(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A ``torch.save`` file's state dict, read with ``torch.load(weights_only=True)`` onto the CPU."""
-    store, name = stores.locate(os.fspath(path), storage_options)
-    if name is None:
+    found = discovery.find(os.fspath(path), storage_options)
+    if found.name is None:
         raise FileNotFoundError(f"No file at {os.fspath(path)} to import. Pass the path of a file written by "
                                 f"torch.save(model.state_dict(), path). Received: path={os.fspath(path)}")
-    reader = store.reader(Manifest(name, "file", "foreign", series=""))
+    if found.checkpoints:  # one that keepbest exported: verified first
+        reader = discovery.first_verified(found.store, found.checkpoints[:1], wanted=os.fspath(path)).reader()
+    else:
+        reader = found.store.reader(Manifest(found.name, "file", "foreign", series=""))
     state = torch.load(reader.local_path(), weights_only=True, map_location="cpu")
     if not isinstance(state, dict):
         raise TypeError(f"Cannot import {os.fspath(path)}: it holds a {type(state).__name__}, not a state dict. "
