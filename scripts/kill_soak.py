@@ -2,6 +2,7 @@
 """Runs the SIGKILL harness for a long count and prints what it found.
 
     python3 scripts/kill_soak.py [--kills 200] [--resume-trials 20] [--seed N] [--backend jax]
+    python3 scripts/kill_soak.py --torch [--resume-trials 20] [--seed N]
 
 Each kill is a real training process SIGKILLed at a random moment while it
 saves new bests back to back (``tests/keras/kill_harness.py``); the kills are
@@ -12,7 +13,12 @@ left. Then ``--resume-trials`` times, a training run under BackupAndRestore is
 SIGKILLed twice at random moments and resumed to the end
 (``tests/keras/resume_harness.py``): prints how many ended with other
 weights than an uninterrupted run (inexact resumes). Exit status 1 if
-any of these counts is not zero. Run it from the
+any of these counts is not zero. With ``--torch``, the trials are a plain PyTorch loop
+under ``keepbest.torch.Checkpointer`` (``tests/torch/train_child.py``: AdamW, a
+scheduler, dropout, a shuffled DataLoader, async saves every 3 steps), each
+SIGKILLed twice and resumed with ``restore``; an inexact resume is one whose
+per-step losses differ from the uninterrupted run's by more than 1e-6 or whose
+final weights differ by a bit. Run it from the
 set-up environment (``python3 scripts/dev.py setup`` then ``.venv/bin/python``).
 """
 
@@ -36,7 +42,10 @@ def main() -> int:
                    help="kill-and-resume trials of BackupAndRestore (default 20)")
     p.add_argument("--seed", type=int, default=random.SystemRandom().randrange(10**6))
     p.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
+    p.add_argument("--torch", action="store_true", help="kill-and-resume trials of a plain torch loop only")
     a = p.parse_args()
+    if a.torch:
+        return torch_trials(a.resume_trials, a.seed)
     os.environ["KERAS_BACKEND"] = a.backend
     os.environ.setdefault("KERAS_HOME", str(ROOT / ".keras_home"))
     sys.path.insert(0, str(ROOT))
@@ -78,6 +87,34 @@ def main() -> int:
           f"{totals['lost']}, corrupt accepted {totals['corrupt_accepted']}, orphans left {totals['orphans']} "
           f"(seed {a.seed}, {time.monotonic() - started:.0f} s)")
     return 1 if totals["lost"] or totals["corrupt_accepted"] or totals["orphans"] or inexact else 0
+
+
+def torch_trials(trials: int, seed: int) -> int:
+    sys.path.insert(0, str(ROOT))
+    from tests.keras.resume_harness import final_weights, kill_then_resume, run_child, steps
+    from tests.torch.test_resume import CHILD
+
+    print(f"kill soak (torch): {trials} kill-and-resume trials of a plain torch loop, seed {seed}", flush=True)
+    started, inexact = time.monotonic(), 0
+    with tempfile.TemporaryDirectory(prefix="keepbest-soak-torch-") as tmp:
+        reference = Path(tmp) / "uninterrupted"
+        reference.mkdir()
+        run_child(str(reference / "ckpt"), str(reference / "log"), child=CHILD)
+        expected, losses = final_weights(reference / "log"), steps(reference / "log")
+        rng = random.Random(f"{seed}-torch")
+        for trial in range(trials):
+            folder = Path(tmp) / f"trial{trial}"
+            folder.mkdir()
+            result = kill_then_resume(folder, rng, child_script=CHILD)
+            resumed = steps(folder / "final")
+            worst = max(abs(resumed[s]["loss"] - losses[s]["loss"]) for s in resumed)
+            if result.weights != expected or worst > 1e-6 or result.resumed_at == 0:
+                inexact += 1
+                print(f"  inexact resume: trial {trial + 1}, killed after steps {result.reached}, resumed at step "
+                      f"{result.resumed_at}, largest loss difference {worst:.2e}", flush=True)
+    print(f"torch: resume trials {trials} (2 kills each), inexact resumes {inexact} "
+          f"(seed {seed}, {time.monotonic() - started:.0f} s)", flush=True)
+    return 1 if inexact else 0
 
 
 if __name__ == "__main__":
