@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Sets up a virtual environment and runs the demo or the test suite.
 
-    python3 scripts/dev.py demo     # set up, then run examples/demo.py
+    python3 scripts/dev.py demo     # set up, then run examples/demo.py (Keras)
+    python3 scripts/dev.py demo torch       # ... examples/torch_demo.py (plain PyTorch)
+    python3 scripts/dev.py demo lightning   # ... examples/lightning_demo.py
     python3 scripts/dev.py test     # set up, then run the suite on JAX and on torch
     python3 scripts/dev.py setup    # only set up
 
@@ -101,9 +103,13 @@ def test(extra: list[str]) -> int:
     return 1 if failures else 0
 
 
+DEMOS = {"keras": "examples/demo.py", "torch": "examples/torch_demo.py", "lightning": "examples/lightning_demo.py"}
+
+
 def demo(extra: list[str]) -> int:
     setup()
-    return subprocess.run([str(PY), "examples/demo.py", *extra], cwd=ROOT, env=framework_env("jax")).returncode
+    which = extra.pop(0) if extra and extra[0] in DEMOS else "keras"
+    return subprocess.run([str(PY), DEMOS[which], *extra], cwd=ROOT, env=framework_env("jax")).returncode
 
 
 def main() -> int:

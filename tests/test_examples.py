@@ -1,18 +1,22 @@
-"""Scripts outside the package (the demo, the benchmark) import only names that exist."""
+"""Scripts outside the package (the demos, the benchmarks) import only names that exist; the PyTorch and
+Lightning demos run to the end (each checks its own exact resume)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [ROOT / "examples" / "demo.py", ROOT / "examples" / "multiprocess.py",
+           ROOT / "examples" / "torch_demo.py", ROOT / "examples" / "lightning_demo.py",
            ROOT / "benchmarks" / "checkpoint_speed.py", ROOT / "benchmarks" / "s3_speed.py",
-           ROOT / "benchmarks" / "multiprocess_speed.py"]
+           ROOT / "benchmarks" / "multiprocess_speed.py", ROOT / "benchmarks" / "torch_speed.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -24,3 +28,15 @@ def test_every_keepbest_name_a_script_imports_exists(script):
             missing += [f"{node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)
                         and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
     assert missing == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, expected", [
+    ("torch_demo.py", ["--epochs", "2"], "largest difference 0.0e+00"),
+    ("lightning_demo.py", ["--epochs", "4"], "largest difference 0.0e+00"),
+])
+def test_demo_runs_to_the_end(tmp_path, script, args, expected):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert expected in result.stdout and "keepbest ls" in result.stdout

@@ -85,9 +85,12 @@ class ModelCheckpoint(BaseModelCheckpoint):
         io.manage(self.dirpath, Monitor(self.monitor, self.mode) if self.monitor else None)
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
-        # Every value Lightning could put in the file name goes into the manifest (keepbest ls shows them).
+        # The logged values go into the manifest (keepbest ls shows them; epoch and step are fields of their own).
+        # A "last" checkpoint is no top-k candidate: without the monitored value it is never marked the best.
+        skip = {"epoch", "step"} | ({self.monitor} if self.monitor and self._is_last(os.path.basename(filepath))
+                                   else set())
         self.io.metrics[filepath] = {k: float(v) for k, v in self._monitor_candidates(trainer).items()
-                                     if isinstance(v, torch.Tensor) and v.numel() == 1}
+                                     if k not in skip and isinstance(v, torch.Tensor) and v.numel() == 1}
         super()._save_checkpoint(trainer, filepath)
 
     def _link_checkpoint(self, trainer: "pl.Trainer", filepath: str, linkpath: str) -> None:  # type: ignore[override]
@@ -100,13 +103,12 @@ class ModelCheckpoint(BaseModelCheckpoint):
         return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
 
     def _find_last_checkpoints(self, trainer: "pl.Trainer") -> set[str]:
-        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?{re.escape(self.FILE_EXTENSION)}$")
         # Lightning asks before setup (to resolve ckpt_path="last"): the folder may not be resolved yet.
         folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         if self._io is not None:
             self._io.writer.wait()
         return {os.path.join(str(folder), c.name) for c in committed(folder, self.storage_options)
-                if pattern.match(c.name) or any(pattern.match(a) for a in c.aliases)}
+                if self._is_last(c.name) or any(self._is_last(a) for a in c.aliases)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -114,22 +116,27 @@ class ModelCheckpoint(BaseModelCheckpoint):
             self._recover()
 
     # -- keepbest ----------------------------------------------------------------------------------------
+    def _is_last(self, name: str) -> bool:
+        """Whether ``name`` is one of Lightning's "last" file names (``last.ckpt``, ``last-v1.ckpt``)."""
+        return re.match(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-v?\d+)?{re.escape(self.FILE_EXTENSION)}$",
+                        name) is not None
+
     def _path(self, ckpt: Checkpoint) -> str:
         return os.path.join(str(self.dirpath), ckpt.name)
 
     def _recover(self) -> None:
         """The top k and the last checkpoint as the committed manifests in ``dirpath`` have them."""
-        last = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-\d+)?{re.escape(self.FILE_EXTENSION)}$")
+        last = self._is_last
         ckpts = self.io.checkpoints(self.dirpath)
         for ckpt in reversed(ckpts):
-            if last.match(ckpt.name) or any(last.match(a) for a in ckpt.aliases):
-                link = next((a for a in ckpt.aliases if last.match(a)), None)
+            if last(ckpt.name) or any(last(a) for a in ckpt.aliases):
+                link = next((a for a in ckpt.aliases if last(a)), None)
                 self.last_model_path = os.path.join(str(self.dirpath), link) if link else self._path(ckpt)
                 break
         if self.monitor is None or self.save_top_k == 0:
             return
         scored = [(c, c.metrics[self.monitor]) for c in ckpts
-                  if not last.match(c.name) and self.monitor in c.metrics and not math.isnan(c.metrics[self.monitor])]
+                  if not last(c.name) and self.monitor in c.metrics and not math.isnan(c.metrics[self.monitor])]
         scored.sort(key=lambda cv: cv[1], reverse=self.mode == "max")  # best first
         if self.save_top_k > 0:
             for ckpt, _ in scored[self.save_top_k:]:  # saved before a crash that stopped the deletion
