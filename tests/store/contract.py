@@ -186,6 +186,20 @@ class StoreContract:
         assert "ckpt" in reader.where() and rel in reader.where(rel)
 
     @LAYOUTS
+    def test_a_private_buffer_is_writable_and_its_writes_never_reach_the_checkpoint(self, store, layout):
+        m = commit(store, layout, "ckpt", V1)
+        rel = "state.bin" if layout == "dir" else m.name
+        private = store.reader(m).buffer(rel, private=True)
+        view = memoryview(private)
+        assert not view.readonly
+        view[0:3] = b"XYZ"
+        assert bytes(private)[:3] == b"XYZ"
+        assert bytes(store.reader(m).buffer(rel)) == V1["state.bin"]
+        store.verify(m)
+        with pytest.raises(TypeError):
+            memoryview(store.reader(m).buffer(rel))[0:1] = b"X"  # the plain buffer stays read-only
+
+    @LAYOUTS
     def test_reader_local_path_holds_the_committed_bytes(self, store, layout):
         m = commit(store, layout, "ckpt", V1)
         local = store.reader(m).local_path()

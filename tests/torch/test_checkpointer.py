@@ -283,3 +283,23 @@ def test_export_names_the_entries_when_asked_for_a_missing_one(tmp_path):
     ckpt.save(1, {"net": torch.nn.Linear(2, 1)})
     with pytest.raises(ValueError, match=r"no app_state entry 'model'. Pass entry= one of \['net'\]"):
         ckpt.export(tmp_path / "model.pt")
+
+
+def test_training_after_restore_never_writes_into_the_checkpoint(tmp_path):
+    model, opt, _ = trained()
+    ckpt = Checkpointer(tmp_path)
+    saved = ckpt.save(3, {"model": model, "optimizer": opt}).result()
+    expected = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+    m2, o2, _ = fresh()
+    ckpt.restore({"model": m2, "optimizer": o2})
+    for _ in range(2):  # AdamW updates its restored state in place
+        loss = m2(torch.randint(0, 12, (16,))).square().mean()
+        o2.zero_grad()
+        loss.backward()
+        o2.step()
+    assert not torch.equal(o2.state_dict()["state"][0]["exp_avg"], expected[0]["exp_avg"])
+    ckpt.manager.store.verify(saved.manifest)  # the files still match their digests
+    m3, o3, _ = fresh()
+    ckpt.restore({"model": m3, "optimizer": o3})
+    for i, st in expected.items():
+        assert_same_state(st, o3.state_dict()["state"][i])

@@ -92,10 +92,12 @@ class LocalReader(Reader):
     def _path(self, rel: str) -> Path:
         return self.store.file_path(self.manifest, rel)
 
-    def buffer(self, rel: str) -> Any:
+    def buffer(self, rel: str, private: bool = False) -> Any:
         with open(self._path(rel), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            if not size:
+                return bytearray() if private else b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ)
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         with open(self._path(rel), "rb") as f:

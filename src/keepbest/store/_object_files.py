@@ -161,10 +161,12 @@ class ObjectReader(Reader):
         self._fetched.add(path)
         return path
 
-    def buffer(self, rel: str) -> Any:
+    def buffer(self, rel: str, private: bool = False) -> Any:
         with open(self.fetch(rel), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            if not size:
+                return bytearray() if private else b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ)
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         return self.store.bucket.read_range(self._key(rel), offset, length)

@@ -144,8 +144,12 @@ class Reader(abc.ABC):
     manifest: Manifest
 
     @abc.abstractmethod
-    def buffer(self, rel: str) -> Any:
-        """The bytes of file ``rel`` as a read-only buffer (memory-mapped where the backend can)."""
+    def buffer(self, rel: str, private: bool = False) -> Any:
+        """The bytes of file ``rel`` as a read-only buffer (memory-mapped where the backend can).
+
+        With ``private``, a copy-on-write view instead: writable, but what is written stays in this process
+        and never reaches the file (a page is copied when it is first written). Restored optimizer state can
+        then live on it without a copy up front, as ``torch.load(mmap=True)`` leaves it."""
 
     @abc.abstractmethod
     def read_range(self, rel: str, offset: int, length: int) -> bytes:

@@ -176,7 +176,7 @@ class Checkpointer:
         if entry not in entries:
             raise ValueError(f"Checkpoint {ckpt.location} has no app_state entry '{entry}'. Pass entry= one of "
                              f"{sorted(entries)}. Received: entry={entry!r}")
-        state = _state.owned_copy(_state.entry_state(reader, entries[entry]))
+        state = _state.entry_state(reader, entries[entry])  # torch.save only reads it
         folder, name = _interop.split(path)
         exporter = CheckpointManager(folder, series="export", dedup=False,
                                      storage_options=self.storage_options, coordinator=None)
@@ -262,7 +262,9 @@ class Checkpointer:
         reader = ckpt.reader()
         entries = _state.read_document(reader)
         skipped = _state.check_entries(app_state, entries, ckpt.location, strict)
-        states = {n: _state.entry_state(reader, entries[n]) for n in app_state if n in entries}
+        # Copy-on-write views: a module copies out of them; an optimizer keeps them, and pages are copied only
+        # as its steps write them (as torch.load(mmap=True) leaves its state), never written back to the files.
+        states = {n: _state.entry_state(reader, entries[n], private=True) for n in app_state if n in entries}
         for name, state in states.items():
             if isinstance(app_state[name], torch.nn.Module):
                 _state.check_module(app_state[name], state, name, ckpt.location, strict)
@@ -276,10 +278,10 @@ class Checkpointer:
             elif isinstance(target, torch.Generator):
                 target.set_state(state.clone())
             elif _state.kind(target) == "state_dict":
-                target.load_state_dict(_state.owned_copy(state))
+                target.load_state_dict(state)
             else:
                 target.clear()
-                target.update(_state.owned_copy(state))
+                target.update(state)
         if rng_doc is not None:
             _state.restore_rng(rng_doc, reader.where(_state.RNG_FILE))
         elif rng:

@@ -124,13 +124,6 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     list(_pool.map(lambda c: np.copyto(c[0], c[1]), chunks))
 
 
-def owned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Writable copies of (read-only, memory-mapped) CPU tensors, copied on every core."""
-    out = [torch.empty_like(t) for t in tensors]
-    copy_all([(view(o), view(t)) for o, t in zip(out, tensors)])
-    return out
-
-
 def synchronize(tensors: Any) -> None:
     """Waits for the non-blocking device-to-host copies started by :func:`copy_into`."""
     if torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors):

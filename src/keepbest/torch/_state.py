@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from keepbest import codec, matching, rng
@@ -114,8 +113,8 @@ def capture_values(values: Mapping[str, Any]) -> Captured:
 
 
 def read_values(reader: Reader) -> dict[str, Any]:
-    """What :func:`capture_values` saved, its tensors copied out of the checkpoint's files."""
-    return {name: owned_copy(entry_state(reader, entry)) for name, entry in read_document(reader).items()}
+    """What :func:`capture_values` saved, its tensors on copy-on-write views of the checkpoint's files."""
+    return {name: entry_state(reader, entry, private=True) for name, entry in read_document(reader).items()}
 
 
 def _module_groups(module: torch.nn.Module, found: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -186,9 +185,13 @@ def read_rng(reader: Reader, rank: int) -> Any | None:
     return json.loads(reader.read(fname))
 
 
-def entry_state(reader: Reader, entry: Mapping[str, Any]) -> Any:
-    """One entry's state dict, its tensors viewing the checkpoint's (read-only, memory-mapped) files."""
-    arrays = codec.load(reader.buffer, entry["file"], reader.where) if entry.get("file") else {}
+def entry_state(reader: Reader, entry: Mapping[str, Any], private: bool = False) -> Any:
+    """One entry's state dict, its tensors viewing the checkpoint's memory-mapped files: read-only, or with
+    ``private`` copy-on-write (writable; an optimizer may keep them, and its steps never reach the files)."""
+    def buffer(rel: str) -> Any:
+        return reader.buffer(rel, private=private)
+
+    arrays = codec.load(buffer, entry["file"], reader.where) if entry.get("file") else {}
     tensors = {k: _host.tensor(a) for k, a in arrays.items()}
     missing = _tree.tensor_names(entry["tree"]) - set(tensors)
     if missing:
@@ -230,39 +233,3 @@ def check_module(module: torch.nn.Module, saved: Mapping[str, Any], name: str, w
             + ("; ".join(sizes[:20]) + ". " if sizes else "")
             + "Build the same model as the one saved, or pass strict=False to skip missing and unexpected keys. "
             f"Received: {len(saved)} saved tensors for {len(own)} in the model")
-
-
-def owned_copy(state: Any) -> Any:
-    """``state`` with its tensors copied out of the checkpoint's read-only memory (an optimizer keeps them)."""
-    found: list[torch.Tensor] = []
-    _collect(state, found)
-    copies = dict(zip(map(id, found), _host.owned(found)))
-    return _replaced(state, copies)
-
-
-def _collect(state: Any, out: list[torch.Tensor]) -> None:
-    if isinstance(state, torch.Tensor):
-        out.append(state)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            _collect(v, out)
-    elif isinstance(state, dict):
-        for v in state.values():
-            _collect(v, out)
-
-
-def _replaced(state: Any, copies: Mapping[int, torch.Tensor]) -> Any:
-    if isinstance(state, torch.Tensor):
-        return copies[id(state)]
-    if isinstance(state, np.ndarray):
-        return state.copy()
-    if isinstance(state, list):
-        return [_replaced(v, copies) for v in state]
-    if isinstance(state, tuple):
-        return tuple(_replaced(v, copies) for v in state)
-    if isinstance(state, dict):
-        out = type(state)((k, _replaced(v, copies)) for k, v in state.items())
-        if hasattr(state, "_metadata"):
-            out._metadata = state._metadata  # type: ignore[attr-defined]
-        return out
-    return state
