@@ -196,6 +196,14 @@ class Follower:
             left = 1.0 if idle_timeout is None else min(1.0, idle_timeout - waited)
             look = self._watch.wait(max(left, 0.0))  # a bucket is listed again only once it changed
 
+    def due(self, max_evaluations: int | None = None, idle_timeout: float | None = None) -> Checkpoint | None:
+        """The next checkpoint to evaluate, or None once the evaluator should stop (``stop_reason`` says why):
+        after ``max_evaluations`` evaluations (counted across restarts), or when :meth:`next` gives none."""
+        if max_evaluations is not None and self.state.evaluations >= max_evaluations:
+            self.stop_reason = f"max_evaluations={max_evaluations} reached"
+            return None
+        return self.next(idle_timeout)
+
     def verify(self, ckpt: Checkpoint) -> None:
         """Re-hashes ``ckpt``'s files (raises as :meth:`keepbest.store.Store.verify` does), ready to be read."""
         self.store.verified_reader(ckpt.manifest)

@@ -105,10 +105,7 @@ class SidecarEvaluator:
                 f"Received: model {self.model.name} with 0 weights (built={self.model.built})")
         with self.follower as follower:
             while True:
-                if self.max_evaluations is not None and follower.state.evaluations >= self.max_evaluations:
-                    self.stop_reason = f"max_evaluations={self.max_evaluations} reached"
-                    break
-                ckpt = follower.next(self.idle_timeout)
+                ckpt = follower.due(self.max_evaluations, self.idle_timeout)
                 self._report_unreadable(follower)
                 if ckpt is None:
                     self.stop_reason = follower.stop_reason

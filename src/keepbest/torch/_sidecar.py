@@ -85,14 +85,7 @@ class SidecarEvaluator:
         """Runs the evaluation loop until it stops (see the class docstring)."""
         self.model = self.model_fn()
         with self.follower as follower:
-            while True:
-                if self.max_evaluations is not None and follower.state.evaluations >= self.max_evaluations:
-                    self.stop_reason = f"max_evaluations={self.max_evaluations} reached"
-                    break
-                ckpt = follower.next(self.idle_timeout)
-                if ckpt is None:
-                    self.stop_reason = follower.stop_reason
-                    break
+            while (ckpt := follower.due(self.max_evaluations, self.idle_timeout)) is not None:
                 follower.begin(ckpt)
                 if not follower.load(ckpt, self._restore, self._say):
                     continue
@@ -103,6 +96,7 @@ class SidecarEvaluator:
                 self.evaluated.append((ckpt, metrics))
                 self._say(f"SidecarEvaluator: evaluated {ckpt.name} (step {ckpt.step}) in {seconds:.2f} s: "
                           + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.stop_reason = follower.stop_reason
         self._say(f"SidecarEvaluator: stopped ({self.stop_reason}); {follower.state.evaluations} checkpoint(s) "
                   f"evaluated in {self.checkpoint_dir}.")
 
