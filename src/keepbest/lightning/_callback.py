@@ -10,6 +10,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from keepbest import store as stores
 from keepbest.checkpoint import Checkpoint
 from keepbest.lightning._compat import BaseModelCheckpoint, get_filesystem, pl
 from keepbest.lightning._io import CheckpointIO, committed
@@ -107,7 +108,10 @@ class ModelCheckpoint(BaseModelCheckpoint):
         folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         if self._io is not None:
             self._io.writer.wait()
-        return {os.path.join(str(folder), c.name) for c in committed(folder, self.storage_options)
+        # On a bucket Lightning asks fsspec for the path's modification time, which a folder has not: there the
+        # path is the checkpoint's manifest object (its commit marker), which CheckpointIO reads as the checkpoint.
+        suffix = "/" + stores.MANIFEST if stores.is_url(str(folder)) else ""
+        return {os.path.join(str(folder), c.name) + suffix for c in committed(folder, self.storage_options)
                 if self._is_last(c.name) or any(self._is_last(a) for a in c.aliases)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

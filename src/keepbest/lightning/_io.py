@@ -158,8 +158,12 @@ class CheckpointIO(BaseCheckpointIO):
         return committed(folder, self.storage_options)
 
     def find(self, path: Any) -> Checkpoint | None:
-        """The committed keepbest checkpoint at ``path`` (a name, or an alias set by :meth:`link`), else None."""
+        """The committed keepbest checkpoint at ``path`` (a name, an alias set by :meth:`link`, or the manifest
+        object of a checkpoint on a bucket, as :class:`ModelCheckpoint` resolves ``ckpt_path="last"``), else None."""
         self.writer.wait()
+        text = os.fspath(path)
+        if stores.is_url(text) and text.endswith("/" + stores.MANIFEST):
+            path = text[:-len(stores.MANIFEST) - 1]
         found = discovery.find(os.fspath(path), self.storage_options or None)
         if found.name is None:  # nothing at the path itself: an alias of its folder?
             folder, name = split(path)
