@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from keepbest.mlflow_publisher import MlflowPublisher
 from keepbest.torch import Checkpointer
-from tests.core.test_mlflow import mlflow_env, run, server  # noqa: F401 - fixtures
+from tests.core.test_mlflow import mlflow_env, run, server  # noqa: F401, F811 - fixtures
 
 
 def model_and_optimizer(seed: int):
