@@ -303,3 +303,22 @@ def test_training_after_restore_never_writes_into_the_checkpoint(tmp_path):
     ckpt.restore({"model": m3, "optimizer": o3})
     for i, st in expected.items():
         assert_same_state(st, o3.state_dict()["state"][i])
+
+
+def test_a_frozen_layer_is_not_written_again_by_the_next_save(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 4))  # 2 MiB frozen, 16 KiB trained
+    model[0].requires_grad_(False)
+    ckpt = Checkpointer(tmp_path)
+    first = ckpt.save(1, {"model": model}).result()
+    with torch.no_grad():
+        model[1].weight.add_(1)
+    second = ckpt.save(2, {"model": model}).result()
+    shards = {f.path: f.digest for f in second.manifest.files if f.path.startswith("model-")}
+    frozen = [p for p, d in shards.items() if d in {f.digest for f in first.manifest.files}]
+    assert frozen and all((second.path / p).stat().st_nlink == 2 for p in frozen)  # hard links to the first
+    assert any(f.path == "model.safetensors" and f.digest not in {g.digest for g in first.manifest.files}
+               for f in second.manifest.files)  # the trained layer was written
+    fresh = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 4))
+    ckpt.restore({"model": fresh})
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
