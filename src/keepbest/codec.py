@@ -52,6 +52,7 @@ try:  # bfloat16 and float8 arrive as ml_dtypes types (JAX and Keras depend on i
 except ImportError:  # pragma: no cover - numpy-only installs have no such arrays
     pass
 _CODES = {dt: code for code, dt in _DTYPES.items()}
+_NEEDS_ML_DTYPES = ("BF16", "F8_E4M3", "F8_E5M2")
 
 
 def dtype_code(dtype: np.dtype[Any]) -> str:
@@ -203,6 +204,9 @@ def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(path, f"tensor '{name}' needs exactly dtype, shape and data_offsets", f"{name}={info!r:.120}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype in _NEEDS_ML_DTYPES and dtype not in _DTYPES:
+        raise TypeError(f"Cannot read tensor '{name}' of {path}: its dtype {dtype} needs the ml_dtypes package, "
+                        f"which is not installed. Install it: pip install ml_dtypes. Received: dtype={dtype!r}")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise _corrupt(path, f"tensor '{name}' has an unknown dtype", f"dtype={dtype!r}")
     ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets]) \

@@ -57,8 +57,13 @@ def test_loading_reads_no_pickle(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("pickle was used")
 
+    class NoPickle(pickle.Unpickler):
+        def __init__(self, *a, **k):
+            raise AssertionError("pickle.Unpickler was used")
+
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", NoPickle)
     monkeypatch.setattr(torch, "load", refuse)
     checkpoint = CheckpointIO().load_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")
     assert checkpoint["epoch"] == 0 and "state_dict" in checkpoint and checkpoint["optimizer_states"]

@@ -142,3 +142,35 @@ def test_checkpoints_are_keepbest_folders_with_metrics_in_their_manifests(tmp_pa
     assert ckpt.manifest.format == "lightning"
     doc = json.loads((ckpt.path / "app_state.json").read_text())
     assert {"state_dict", "optimizer_states", "loops", "callbacks"} <= set(doc["entries"])
+
+
+def test_resume_leaves_another_callbacks_checkpoints_in_the_same_folder_alone(tmp_path):
+    def callbacks():
+        return [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2),
+                ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1,
+                                filename="periodic-{step}")]
+
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, callbacks(), max_epochs=3).fit(Digits(), *loaders())
+    periodic = [n for n in committed(tmp_path / "ckpt") if n.startswith("periodic")]
+    assert periodic == ["periodic-step=15.ckpt", "periodic-step=30.ckpt"]
+    tops = [n for n in committed(tmp_path / "ckpt") if n.startswith("epoch")]
+    resumed = callbacks()
+    trainer(tmp_path, resumed, max_epochs=4).fit(Digits(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / tops[-1]))
+    names = committed(tmp_path / "ckpt")
+    assert [n for n in names if n.startswith("periodic")][:2] == periodic  # not ranked, not deleted
+    assert len(resumed[0].best_k_models) == 2 and all("periodic" not in p for p in resumed[0].best_k_models)
+
+
+class OnlyValLoss(Digits):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)  # logs nothing: val_loss is the only metric
+
+
+def test_the_last_checkpoint_never_carries_the_monitored_value(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)],
+            max_epochs=2).fit(OnlyValLoss(), *loaders())
+    ckpts = {c.name: c for c in CheckpointManager(tmp_path / "ckpt", series=SERIES).checkpoints()}
+    assert ckpts["last.ckpt"].metrics == {} and "val_loss" in ckpts["epoch=1-step=20.ckpt"].metrics

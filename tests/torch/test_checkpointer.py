@@ -322,3 +322,27 @@ def test_a_frozen_layer_is_not_written_again_by_the_next_save(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 4))
     ckpt.restore({"model": fresh})
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_tensor_shared_inside_a_dict_is_stored_once_and_restores_shared(tmp_path):
+    shared = torch.arange(6.0)
+    ckpt = Checkpointer(tmp_path)
+    saved = ckpt.save(1, {"loop": {"a": shared, "b": shared, "empty1": torch.zeros(0), "empty2": torch.zeros(0)}})
+    doc = json.loads(saved.result().reader().read("app_state.json"))
+    assert doc["entries"]["loop"]["tree"]["b"] == {"__tensor__": "a"}
+    assert doc["entries"]["loop"]["tree"]["empty2"] == {"__tensor__": "empty2"}  # empty tensors are never "tied"
+    back: dict = {}
+    ckpt.restore({"loop": back})
+    assert back["a"] is back["b"] and torch.equal(back["a"], shared) and back["empty1"] is not back["empty2"]
+
+
+def test_an_optimizer_over_other_parameters_is_refused_before_the_model_changes(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    Checkpointer(tmp_path).save(1, {"model": model, "optimizer": opt})
+    other = torch.nn.Linear(4, 2)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    wrong = torch.optim.SGD([other.weight], lr=0.1)  # one parameter, not two
+    with pytest.raises(StateMismatchError, match=r"parameters per group: saved \[2\], optimizer \[1\]"):
+        Checkpointer(tmp_path).restore({"model": other, "optimizer": wrong})
+    assert_same_state(before, other.state_dict())

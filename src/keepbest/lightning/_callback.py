@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import weakref
 from datetime import timedelta
 from typing import Any, Literal, Mapping
 
@@ -13,7 +14,7 @@ import torch
 from keepbest import store as stores
 from keepbest.checkpoint import Checkpoint
 from keepbest.lightning._compat import BaseModelCheckpoint, get_filesystem, pl
-from keepbest.lightning._io import CheckpointIO, committed
+from keepbest.lightning._io import CheckpointIO, committed, is_link
 from keepbest.policy import Monitor
 
 
@@ -62,6 +63,7 @@ class ModelCheckpoint(BaseModelCheckpoint):
         self.storage_options = dict(storage_options or {})
         self._io: CheckpointIO | None = None
         self._global_zero = True
+        self._trainer: weakref.ref[Any] | None = None
 
     @property
     def io(self) -> CheckpointIO:
@@ -81,17 +83,29 @@ class ModelCheckpoint(BaseModelCheckpoint):
         if not isinstance(io, CheckpointIO):
             io = CheckpointIO(async_save=self.async_save, storage_options=self.storage_options, fallback=io)
             trainer.strategy.checkpoint_io = io
+        elif (self.async_save and not io.async_save) or (self.storage_options and
+                                                          self.storage_options != io.storage_options):
+            raise ValueError(
+                "keepbest.lightning.ModelCheckpoint: the trainer already writes through a keepbest CheckpointIO "
+                f"(async_save={io.async_save}, storage_options={io.storage_options}), which does the writing for "
+                "every callback; this callback's settings would be ignored. Set them on that CheckpointIO. Received: "
+                f"async_save={self.async_save}, storage_options={self.storage_options}")
         self._io = io
+        self._trainer = weakref.ref(trainer)
         self._global_zero = trainer.is_global_zero
         io.manage(self.dirpath, Monitor(self.monitor, self.mode) if self.monitor else None)
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
-        # The logged values go into the manifest (keepbest ls shows them; epoch and step are fields of their own).
-        # A "last" checkpoint is no top-k candidate: without the monitored value it is never marked the best.
-        skip = {"epoch", "step"} | ({self.monitor} if self.monitor and self._is_last(os.path.basename(filepath))
-                                   else set())
-        self.io.metrics[filepath] = {k: float(v) for k, v in self._monitor_candidates(trainer).items()
-                                     if k not in skip and isinstance(v, torch.Tensor) and v.numel() == 1}
+        # Lightning sets last_model_path / best_k_models before it saves: that says what this save is for.
+        role = "last" if filepath == self.last_model_path else "top_k" if filepath in self.best_k_models else "other"
+        if trainer.is_global_zero:  # (only process 0 saves)
+            # The logged values go into the manifest (keepbest ls shows them; epoch and step are fields of their
+            # own). A "last" checkpoint is no top-k candidate: without the monitored value it is never the best.
+            skip = {"epoch", "step"} | ({self.monitor} if self.monitor and role == "last" else set())
+            self.io.pending[filepath] = {
+                "metrics": {k: float(v) for k, v in self._monitor_candidates(trainer).items()
+                            if k not in skip and isinstance(v, torch.Tensor) and v.numel() == 1},
+                "extra": {"lightning": {"role": role, "callback": self.state_key}}}
         super()._save_checkpoint(trainer, filepath)
 
     def _link_checkpoint(self, trainer: "pl.Trainer", filepath: str, linkpath: str) -> None:  # type: ignore[override]
@@ -112,7 +126,7 @@ class ModelCheckpoint(BaseModelCheckpoint):
         # path is the checkpoint's manifest object (its commit marker), which CheckpointIO reads as the checkpoint.
         suffix = "/" + stores.MANIFEST if stores.is_url(str(folder)) else ""
         return {os.path.join(str(folder), c.name) + suffix for c in committed(folder, self.storage_options)
-                if self._is_last(c.name) or any(self._is_last(a) for a in c.aliases)}
+                if self._is_last(c) or any(is_link(a) for a in c.aliases)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -120,31 +134,37 @@ class ModelCheckpoint(BaseModelCheckpoint):
             self._recover()
 
     # -- keepbest ----------------------------------------------------------------------------------------
-    def _is_last(self, name: str) -> bool:
-        """Whether ``name`` is one of Lightning's "last" file names (``last.ckpt``, ``last-v1.ckpt``)."""
-        return re.match(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-v?\d+)?{re.escape(self.FILE_EXTENSION)}$",
-                        name) is not None
+    def _is_last(self, ckpt: Checkpoint) -> bool:
+        """A "last" checkpoint: so recorded by a keepbest ModelCheckpoint, or named by Lightning's rule."""
+        role = _lightning(ckpt).get("role")
+        if role is not None:
+            return bool(role == "last")
+        stem = ckpt.name.removesuffix(self.FILE_EXTENSION)
+        return re.match(rf"^{self.CHECKPOINT_NAME_LAST}(-(\d+))?", stem) is not None
 
     def _path(self, ckpt: Checkpoint) -> str:
         return os.path.join(str(self.dirpath), ckpt.name)
 
     def _recover(self) -> None:
-        """The top k and the last checkpoint as the committed manifests in ``dirpath`` have them."""
-        last = self._is_last
-        ckpts = self.io.checkpoints(self.dirpath)
-        for ckpt in reversed(ckpts):
-            if last(ckpt.name) or any(last(a) for a in ckpt.aliases):
-                link = next((a for a in ckpt.aliases if last(a)), None)
+        """This callback's top k and last checkpoint, as the committed manifests in ``dirpath`` record them
+        (other callbacks' checkpoints and manual saves in the same folder are left alone)."""
+        mine = [c for c in self.io.checkpoints(self.dirpath) if _lightning(c).get("callback") == self.state_key]
+        for ckpt in reversed(mine):
+            if _lightning(ckpt).get("role") == "last":
+                link = next((a for a in ckpt.aliases if is_link(a)), None)
                 self.last_model_path = os.path.join(str(self.dirpath), link) if link else self._path(ckpt)
                 break
         if self.monitor is None or self.save_top_k == 0:
             return
-        scored = [(c, c.metrics[self.monitor]) for c in ckpts
-                  if not last(c.name) and self.monitor in c.metrics and not math.isnan(c.metrics[self.monitor])]
+        worst = math.inf if self.mode == "min" else -math.inf  # NaN ranks last, as Lightning records it
+        scored = [(c, worst if math.isnan(c.metrics[self.monitor]) else c.metrics[self.monitor]) for c in mine
+                  if _lightning(c).get("role") == "top_k" and self.monitor in c.metrics]
         scored.sort(key=lambda cv: cv[1], reverse=self.mode == "max")  # best first
         if self.save_top_k > 0:
-            for ckpt, _ in scored[self.save_top_k:]:  # saved before a crash that stopped the deletion
-                if self._global_zero:
+            trainer = self._trainer() if self._trainer is not None else None
+            for ckpt, _ in scored[self.save_top_k:]:  # saved before a crash stopped the deletion of the k+1th
+                if self._global_zero and trainer is not None and self._should_remove_checkpoint(
+                        trainer, self._path(ckpt), ""):
                     self.io.remove_checkpoint(self._path(ckpt))
             scored = scored[:self.save_top_k]
         self.best_k_models = {self._path(c): torch.tensor(v) for c, v in scored}
@@ -153,3 +173,9 @@ class ModelCheckpoint(BaseModelCheckpoint):
         self.best_model_path, self.best_model_score = self._path(scored[0][0]), torch.tensor(scored[0][1])
         if len(scored) == self.save_top_k:
             self.kth_best_model_path, self.kth_value = self._path(scored[-1][0]), torch.tensor(scored[-1][1])
+
+
+def _lightning(ckpt: Checkpoint) -> dict[str, Any]:
+    """What a keepbest ModelCheckpoint recorded about a save: its role and the callback that made it."""
+    doc = ckpt.manifest.extra.get("lightning")
+    return doc if isinstance(doc, dict) else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from concurrent.futures import Future
 from typing import Any, Mapping
 
@@ -20,6 +21,7 @@ from keepbest.torch import _host, _state
 from keepbest.writer import AsyncWriter, SaveHandle
 
 SERIES = "lightning"
+LINK_SUFFIX = ".ckpt"  # Lightning's FILE_EXTENSION
 
 
 def split(path: Any) -> tuple[str, str]:
@@ -29,6 +31,23 @@ def split(path: Any) -> tuple[str, str]:
         return posixpath.dirname(text.rstrip("/")), posixpath.basename(text.rstrip("/"))
     text = os.path.abspath(os.path.expanduser(text))
     return os.path.dirname(text), os.path.basename(text)
+
+
+def link_alias(name: str) -> str:
+    """The alias that stands for Lightning's link ``name`` (``last.ckpt``; ``epoch=3-last.ckpt`` as
+    ``epoch_3-last.ckpt``): aliases take letters, digits, '_', '.' and '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def is_link(alias: str) -> bool:
+    """Whether an alias is one of Lightning's links (named like a checkpoint file), not a user's."""
+    return alias.endswith(LINK_SUFFIX)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def metrics_of(checkpoint: Mapping[str, Any]) -> dict[str, float]:
@@ -88,19 +107,19 @@ class CheckpointIO(BaseCheckpointIO):
         self._managers: dict[str, CheckpointManager] = {}
         self._monitors: dict[str, Monitor] = {}
         self._managed: set[str] = set()
-        self.metrics: dict[str, dict[str, float]] = {}
-        """Per path, the metrics to record with its next save (set by :class:`ModelCheckpoint`)."""
+        self.pending: dict[str, dict[str, Any]] = {}
+        """Per path, the ``metrics`` and ``extra`` to record with its next save (set by :class:`ModelCheckpoint`)."""
 
     # -- folders ----------------------------------------------------------------------------------------
-    def manage(self, folder: Any, monitor: Monitor | None = None) -> CheckpointManager:
-        """Registers ``folder`` as keepbest's (its saves come here even with a fallback); returns its manager."""
+    def manage(self, folder: Any, monitor: Monitor | None = None) -> None:
+        """Registers ``folder`` as keepbest's: its saves (and its subfolders') come here even with a fallback."""
         key = split(posixpath.join(os.fspath(folder), "x"))[0]
         self._managed.add(key)
         if monitor is not None:
             self._monitors[key] = monitor
             if key in self._managers and self._managers[key].monitor != monitor:
                 self._managers.pop(key)
-        return self.manager(key)
+        # No manager yet: making one recovers the folder, which only the process that saves (0) may do.
 
     def manager(self, folder: str) -> CheckpointManager:
         if folder not in self._managers:
@@ -110,7 +129,8 @@ class CheckpointIO(BaseCheckpointIO):
         return self._managers[folder]
 
     def _ours(self, folder: str) -> bool:
-        return self.fallback is None or folder in self._managed
+        return self.fallback is None or any(folder == m or folder.startswith(m.rstrip("/") + "/")
+                                            for m in self._managed)
 
     # -- CheckpointIO -----------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -128,11 +148,13 @@ class CheckpointIO(BaseCheckpointIO):
         """Saves a checkpoint dict at ``path``; returns the handle of its commit (done, unless ``async_save``)."""
         folder, name = split(path)
         mgr = self.manager(folder)
+        pending = self.pending.pop(os.fspath(path), {})
         captured = _state.capture_values(checkpoint)
         step = checkpoint.get("global_step")
         epoch = checkpoint.get("epoch")
         kwargs: dict[str, Any] = dict(
-            name=name, metrics=self.metrics.pop(os.fspath(path), None) or metrics_of(checkpoint), epoch=epoch if isinstance(epoch, int) else None,
+            name=name, metrics=pending["metrics"] if "metrics" in pending else metrics_of(checkpoint),
+            extra=pending.get("extra"), epoch=epoch if isinstance(epoch, int) else None,
             versions={"torch": torch.__version__, "lightning": str(checkpoint.get("pytorch-lightning_version", ""))})
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
         if self.async_save:
@@ -167,7 +189,7 @@ class CheckpointIO(BaseCheckpointIO):
         found = discovery.find(os.fspath(path), self.storage_options or None)
         if found.name is None:  # nothing at the path itself: an alias of its folder?
             folder, name = split(path)
-            return next((c for c in self.checkpoints(folder) if name in c.aliases), None)
+            return next((c for c in self.checkpoints(folder) if link_alias(name) in c.aliases), None)
         if found.damaged and not found.checkpoints:
             raise CorruptCheckpointError(found.damaged[0].reason)
         return found.checkpoints[0] if found.checkpoints else None
@@ -181,7 +203,7 @@ class CheckpointIO(BaseCheckpointIO):
             raise ValueError(f"Cannot link {os.fspath(link)} to {os.fspath(target)}: an alias names a checkpoint of "
                              "its own folder. Keep the last checkpoint in dirpath. Received: "
                              f"target={os.fspath(target)}, link={os.fspath(link)}")
-        self.manager(folder).promote(name, alias)
+        self.manager(folder).promote(name, link_alias(alias))
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -197,10 +219,10 @@ class CheckpointIO(BaseCheckpointIO):
         assert ckpt.store is not None
         chosen = discovery.first_verified(ckpt.store, [ckpt], wanted=os.fspath(path))
         reader = chosen.reader()
-        checkpoint = _state.read_values(reader)
+        checkpoint = _state.read_values(reader, views={"state_dict"})  # the module copies it; Lightning drops it
         rng_doc = _state.read_rng(reader, 0)
-        if rng_doc is not None:
-            _state.restore_rng(rng_doc, reader.where(_state.RNG_FILE))
+        if rng_doc is not None and _rank() == 0:  # Lightning saves process 0's generators only
+            _state.checked_rng(rng_doc, reader.where(_state.RNG_FILE)).restore()
         if map_location is not None:
             checkpoint = _moved(checkpoint, map_location)
         return checkpoint
@@ -212,12 +234,13 @@ class CheckpointIO(BaseCheckpointIO):
             self.fallback.remove_checkpoint(path)
             return
         mgr = self.manager(folder)
-        if name in mgr.aliases:  # a link (save_last="link") that Lightning replaces: only the alias goes
-            mgr.demote(name)
+        aliases = mgr.aliases
+        if link_alias(name) in aliases and is_link(link_alias(name)):  # a link Lightning replaces: the alias goes
+            mgr.demote(link_alias(name))
             return
-        for alias, version in mgr.aliases.items():  # the link Lightning moves next must not keep this one alive
-            if alias.startswith("last") and any(c.name == name and c.manifest.version == version
-                                                for c in mgr.checkpoints()):
+        version = next((c.manifest.version for c in mgr.checkpoints() if c.name == name), None)
+        for alias, held in aliases.items():  # a link Lightning moves next must not keep this one alive
+            if held == version and is_link(alias):
                 mgr.demote(alias)
         mgr.delete(name, reason="Lightning ModelCheckpoint: no longer in the top k, or replaced as the last")
 
@@ -225,6 +248,7 @@ class CheckpointIO(BaseCheckpointIO):
         """Waits for the save in flight (raising its failure); Lightning calls it at the end of fit."""
         try:
             self.writer.wait()
+            self.writer.staging.release()  # the host copy of the state (pinned on CUDA) is not kept after fit
         finally:
             if self.fallback is not None:
                 self.fallback.teardown()

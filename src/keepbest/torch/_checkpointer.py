@@ -112,7 +112,21 @@ class Checkpointer:
                                          dedup=dedup, storage_options=storage_options,
                                          coordinator=resolve_coordinator(coordinator))
         self._warned_monitor = False
+        self._auto = coordinator == "auto" and self.manager.coordinator.size == 1  # checked again at each use
         self._saved = False  # this Checkpointer saved: training runs, and close() marks its end for evaluators
+
+    def _check_processes(self, verb: str) -> None:
+        """A Checkpointer made before ``init_process_group`` would have every process commit on its own."""
+        if not self._auto:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"Checkpointer.{verb}: torch.distributed now runs {dist.get_world_size()} processes, but this "
+                "Checkpointer was created before init_process_group, as a single process: every process would "
+                "commit and prune on its own. Create the Checkpointer after init_process_group. "
+                f"Received: world_size={dist.get_world_size()}, a Checkpointer for 1 process")
 
     # -- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
@@ -127,6 +141,7 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"Checkpointer.save needs the global step as an int >= 0. Received: step={step!r}")
         _state.check_app_state(app_state, "save")
+        self._check_processes("save")
         monitor = self.manager.monitor
         if monitor is not None and monitor.name not in (metrics or {}) and not self._warned_monitor:
             self._warned_monitor = True
@@ -254,6 +269,7 @@ class Checkpointer:
         ``rng=False`` leaves the global random generators as they are.
         """
         _state.check_app_state(app_state, "restore")
+        self._check_processes("restore")
         self.manager.wait()
         candidates = self._chosen(which)
         if not candidates:
@@ -262,13 +278,25 @@ class Checkpointer:
         reader = ckpt.reader()
         entries = _state.read_document(reader)
         skipped = _state.check_entries(app_state, entries, ckpt.location, strict)
-        # Copy-on-write views: a module copies out of them; an optimizer keeps them, and pages are copied only
-        # as its steps write them (as torch.load(mmap=True) leaves its state), never written back to the files.
-        states = {n: _state.entry_state(reader, entries[n], private=True) for n in app_state if n in entries}
+        # Read-only views of the files for modules (load_state_dict copies out of them); the rest is copied into
+        # memory, since an optimizer or a dict keeps what it is given.
+        states = {n: _state.entry_state(reader, entries[n]) if isinstance(app_state[n], torch.nn.Module)
+                  else _state.owned_copy(_state.entry_state(reader, entries[n])) for n in app_state if n in entries}
+        # Everything that can be checked is checked before the first change.
         for name, state in states.items():
             if isinstance(app_state[name], torch.nn.Module):
                 _state.check_module(app_state[name], state, name, ckpt.location, strict)
-        rng_doc = _state.read_rng(reader, self.manager.coordinator.rank) if rng else None
+            elif isinstance(app_state[name], torch.optim.Optimizer):
+                _state.check_optimizer(app_state[name], state, name, ckpt.location)
+        generators = None
+        if rng:
+            rank = self.manager.coordinator.rank
+            doc = _state.read_rng(reader, rank)
+            if doc is None:
+                raise CorruptCheckpointError(f"Checkpoint {ckpt.location} has no random generator states for process "
+                                             f"{rank}. Restore with rng=False. "
+                                             f"Received: files={[f.path for f in ckpt.manifest.files]}")
+            generators = _state.checked_rng(doc, reader.where(_state.RNG_FILE))
         for name, state in states.items():
             target = app_state[name]
             if isinstance(target, torch.nn.Module):
@@ -276,18 +304,14 @@ class Checkpointer:
                 skipped += [f"{name}.{k} (not in the checkpoint)" for k in result.missing_keys]
                 skipped += [f"{name}.{k} (not in the model)" for k in result.unexpected_keys]
             elif isinstance(target, torch.Generator):
-                target.set_state(state.clone())
+                target.set_state(state)
             elif _state.kind(target) == "state_dict":
                 target.load_state_dict(state)
             else:
                 target.clear()
                 target.update(state)
-        if rng_doc is not None:
-            _state.restore_rng(rng_doc, reader.where(_state.RNG_FILE))
-        elif rng:
-            raise CorruptCheckpointError(f"Checkpoint {ckpt.location} has no random generator states for process "
-                                         f"{self.manager.coordinator.rank}. Restore with rng=False. "
-                                         f"Received: files={[f.path for f in ckpt.manifest.files]}")
+        if generators is not None:
+            generators.restore()
         if skipped:
             log.warning("keepbest: restored %s with strict=False; left as they were: %s", ckpt.location,
                         ", ".join(skipped[:20]))

@@ -37,7 +37,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
             import ml_dtypes
         except ImportError:
             raise TypeError(f"Cannot save a {dtype} tensor: NumPy has no such dtype without the ml_dtypes package. "
-                            f"Install it: pip install 'keepbest[torch]'. Received: dtype={dtype}") from None
+                            f"Install it: pip install ml_dtypes (or 'keepbest[torch]'). Received: dtype={dtype}") from None
         return np.dtype(getattr(ml_dtypes, _EXOTIC[dtype][0]))
     if dtype.is_complex:
         raise TypeError(f"Cannot save a {dtype} tensor: safetensors has no complex dtype. Store its real and "
@@ -122,6 +122,13 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     if _pool is None:
         _pool = ThreadPoolExecutor(workers, thread_name_prefix="keepbest-copy")
     list(_pool.map(lambda c: np.copyto(c[0], c[1]), chunks))
+
+
+def owned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Writable copies of (memory-mapped) CPU tensors in the process's own memory, copied on every core."""
+    out = [torch.empty_like(t) for t in tensors]
+    copy_all([(view(o), view(t)) for o, t in zip(out, tensors)])
+    return out
 
 
 def synchronize(tensors: Any) -> None:

@@ -32,7 +32,7 @@ class StateDictFile:
     detached: bool = False
 
     def write(self, staged: Staged) -> tuple[FileEntry, ...]:
-        torch.save(dict(self.state), staged.local_path())  # the store hashes it at the commit
+        torch.save(self.state, staged.local_path())  # as it is (a module's _metadata too); hashed at the commit
         return ()
 
 

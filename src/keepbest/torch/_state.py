@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
+import numpy as np
 import torch
 
 from keepbest import codec, matching, rng
@@ -32,6 +34,7 @@ RNG_FILE = "rng.json"
 FORMAT = "torch"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RESERVED = {"app_state", "rng"}
+log = logging.getLogger("keepbest")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -112,9 +115,11 @@ def capture_values(values: Mapping[str, Any]) -> Captured:
     return Captured(tensors, {"keepbest_torch": 1, "entries": entries}, {})
 
 
-def read_values(reader: Reader) -> dict[str, Any]:
-    """What :func:`capture_values` saved, its tensors on copy-on-write views of the checkpoint's files."""
-    return {name: entry_state(reader, entry, private=True) for name, entry in read_document(reader).items()}
+def read_values(reader: Reader, views: Collection[str] = ()) -> dict[str, Any]:
+    """What :func:`capture_values` saved: the tensors of the entries in ``views`` on copy-on-write views of the
+    checkpoint's files (for a module to copy from; freed with the dict), the others copied into memory."""
+    return {name: entry_state(reader, entry, private=True) if name in views else owned_copy(entry_state(reader, entry))
+            for name, entry in read_document(reader).items()}
 
 
 def _module_groups(module: torch.nn.Module, found: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -146,7 +151,28 @@ def _bytes(text: Any, size: int | None) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def restore_rng(doc: Any, where: str) -> None:
+@dataclass
+class Generators:
+    """Saved generator states, checked and ready to set (:func:`checked_rng`)."""
+
+    doc: dict[str, Any]
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+
+    def restore(self) -> None:
+        rng.restore(self.doc)
+        torch.set_rng_state(self.cpu)
+        if self.cuda and torch.cuda.is_available():
+            devices = torch.cuda.device_count()
+            if len(self.cuda) > devices:
+                log.warning("keepbest: the checkpoint holds the generators of %d CUDA devices, this process sees "
+                            "%d; the first %d are restored.", len(self.cuda), devices, devices)
+            for i, state in enumerate(self.cuda[:devices]):
+                torch.cuda.set_rng_state(state, i)
+
+
+def checked_rng(doc: Any, where: str) -> Generators:
+    """The generator states of a ``rng.json``, checked before anything is set."""
     cpu = _bytes(doc.get("torch"), torch.get_rng_state().numel()) if isinstance(doc, dict) else None
     found = [_bytes(s, None) for s in doc.get("cuda") or []] if cpu is not None else []
     cuda = [s for s in found if s is not None]
@@ -154,10 +180,21 @@ def restore_rng(doc: Any, where: str) -> None:
         raise CorruptCheckpointError(f"Cannot restore the random generators from {where}: the file is not what "
                                      "keepbest writes. Restore with rng=False to skip them. Received: a malformed "
                                      f"document ({str(doc)[:80]}...)")
-    rng.restore(doc)
-    torch.set_rng_state(cpu)
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    return Generators(doc, cpu, cuda)
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, name: str, where: str) -> None:
+    """``Optimizer.load_state_dict``'s checks of the parameter groups, made before anything is changed."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    ours = optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(ours) or any(
+            not isinstance(g, Mapping) or len(g.get("params", ())) != len(o["params"]) for g, o in zip(groups, ours)):
+        sizes = [len(g.get("params", ())) if isinstance(g, Mapping) else None for g in groups or []]
+        raise StateMismatchError(
+            f"Error(s) in loading the optimizer state of app_state[{name!r}] from {where}: the saved parameter groups "
+            f"do not match the optimizer's (parameters per group: saved {sizes}, optimizer "
+            f"{[len(o['params']) for o in ours]}). Build the optimizer over the same parameters as at the save. "
+            f"Received: {len(groups or [])} saved group(s)")
 
 
 # -- reading back ---------------------------------------------------------------------------------------
@@ -233,3 +270,42 @@ def check_module(module: torch.nn.Module, saved: Mapping[str, Any], name: str, w
             + ("; ".join(sizes[:20]) + ". " if sizes else "")
             + "Build the same model as the one saved, or pass strict=False to skip missing and unexpected keys. "
             f"Received: {len(saved)} saved tensors for {len(own)} in the model")
+
+
+def owned_copy(state: Any) -> Any:
+    """``state`` with its tensors copied out of the checkpoint's mapped files into the process's own memory:
+    an optimizer keeps what it is given, and a mapping would pin the files (descriptors, disk space after
+    retention deletes them, NFS's silly renames) for the rest of the run. A tensor that appears twice is
+    copied once and stays shared."""
+    found: dict[int, torch.Tensor] = {}
+    _collect(state, found)
+    copies = dict(zip(found, _host.owned(list(found.values()))))
+    return _replaced(state, copies)
+
+
+def _collect(state: Any, out: dict[int, torch.Tensor]) -> None:
+    if isinstance(state, torch.Tensor):
+        out[id(state)] = state
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            _collect(v, out)
+    elif isinstance(state, dict):
+        for v in state.values():
+            _collect(v, out)
+
+
+def _replaced(state: Any, copies: Mapping[int, torch.Tensor]) -> Any:
+    if isinstance(state, torch.Tensor):
+        return copies[id(state)]
+    if isinstance(state, np.ndarray):
+        return state.copy()
+    if isinstance(state, list):
+        return [_replaced(v, copies) for v in state]
+    if isinstance(state, tuple):
+        return tuple(_replaced(v, copies) for v in state)
+    if isinstance(state, dict):
+        out = type(state)((k, _replaced(v, copies)) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            out._metadata = state._metadata  # type: ignore[attr-defined]
+        return out
+    return state

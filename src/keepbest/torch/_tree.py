@@ -52,13 +52,14 @@ def flatten(value: Any, path: str, tensors: dict[str, torch.Tensor],
                             "Convert it to a dense tensor in state_dict(). "
                             f"Received: a {value.layout} {value.dtype} tensor")
         t = value.detach()
-        key = _key(t)
-        if key in seen:
+        key = _key(t) if t.numel() else None  # empty tensors all have data_ptr 0: never the same memory
+        if key is not None and key in seen:
             return {"__tensor__": seen[key]}
         name = path or "tensor"
         while name in tensors:  # two paths that join to one name ("a/b" + "c" and "a" + "b/c")
             name += "#"
-        seen[key] = name
+        if key is not None:
+            seen[key] = name
         tensors[name] = t
         return {"__tensor__": name}
     if isinstance(value, np.ndarray):
