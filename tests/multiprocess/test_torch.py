@@ -33,3 +33,14 @@ def test_ddp_job_commits_one_checkpoint_per_save_and_each_process_restores_it(tm
         assert out[r]["restored"] == out[r]["trained"] and out[r]["step"] == 6
         assert out[r]["after_restore"] == out[r]["after_save"]  # each process's own generator came back
     assert out[0]["after_save"] != out[1]["after_save"]
+
+
+def test_a_checkpointer_made_before_init_process_group_refuses_to_save_alone(tmp_path):
+    folder = tmp_path / "ckpt"
+    group = procs.start("torch_ddp_child", 2, ["--dir", str(folder), "--out", str(tmp_path / "out"), "--early"],
+                        tmp_path / "logs")
+    group.check(timeout=120)
+    for r in range(2):
+        error = json.loads((tmp_path / f"out-{r}.json").read_text())["error"]
+        assert "created before init_process_group" in error and "Received: world_size=2" in error
+    assert CheckpointManager(folder).checkpoints() == []

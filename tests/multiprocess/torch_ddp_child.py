@@ -42,10 +42,22 @@ def main() -> None:
     p.add_argument("--dir")
     p.add_argument("--out")
     p.add_argument("--async", dest="async_save", action="store_true")
+    p.add_argument("--early", action="store_true",
+                   help="create the Checkpointer before init_process_group; write the error its save raises")
     args = p.parse_args()
+    from keepbest.torch import Checkpointer
+
+    early = Checkpointer(args.dir) if args.early else None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                             world_size=args.world)
-    from keepbest.torch import Checkpointer
+    if early is not None:
+        try:
+            early.save(1, {"model": build()[0]})
+        except RuntimeError as e:
+            with open(f"{args.out}-{args.rank}.json", "w") as f:
+                json.dump({"error": str(e)}, f)
+        dist.destroy_process_group()
+        return
 
     model, opt = build()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
