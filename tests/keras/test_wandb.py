@@ -21,7 +21,7 @@ from .conftest import drive, make_model
 from .publisher_contract import KEEP_BEST, KEEP_LAST, SERIES, VAL_LOSSES, PublisherContract, Tracked, kept
 
 wandb = pytest.importorskip("wandb")
-from .wandb_offline import artifacts  # noqa: E402  (needs wandb)
+from .wandb_offline import artifacts, offline_run  # noqa: E402  (needs wandb)
 
 
 class ImportSpy(importlib.abc.MetaPathFinder):
@@ -45,17 +45,7 @@ class ImportSpy(importlib.abc.MetaPathFinder):
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    for var, sub in [("WANDB_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                     ("WANDB_CONFIG_DIR", "wandb-config")]:
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    r = wandb.init(project="keepbest-tests", dir=str(tmp_path / "wandb"))
-    yield r
-    if wandb.run is not None:
-        wandb.finish()
-    wandb.teardown()  # each test gets a service process of its own, started with its own folders
+    yield from offline_run(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -55,3 +55,21 @@ def artifacts(run_dir: Path) -> list[dict[str, Any]]:
                         "metadata": json.loads(a.metadata) if a.metadata else {},
                         "files": {e.path: e.digest for e in a.manifest.contents}})
     return out
+
+
+def offline_run(tmp_path: Path, monkeypatch: Any) -> Iterator[Any]:
+    """The body of a fixture: a W&B run in offline mode with every W&B folder under ``tmp_path``; each test gets
+    a service process of its own, started with its own folders."""
+    import wandb
+
+    for var, sub in [("WANDB_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                     ("WANDB_CONFIG_DIR", "wandb-config")]:
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="keepbest-tests", dir=str(tmp_path / "wandb"))
+    yield run
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()

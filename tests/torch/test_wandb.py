@@ -11,22 +11,12 @@ wandb = pytest.importorskip("wandb")
 
 from keepbest.torch import Checkpointer  # noqa: E402
 from keepbest.wandb_publisher import WandbPublisher  # noqa: E402
-from tests.keras.wandb_offline import artifacts  # noqa: E402
+from tests.keras.wandb_offline import artifacts, offline_run  # noqa: E402
 
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    for var, sub in [("WANDB_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                     ("WANDB_CONFIG_DIR", "wandb-config")]:
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    r = wandb.init(project="keepbest-tests", dir=str(tmp_path / "wandb"))
-    yield r
-    if wandb.run is not None:
-        wandb.finish()
-    wandb.teardown()
+    yield from offline_run(tmp_path, monkeypatch)
 
 
 @pytest.mark.filterwarnings("ignore:W&B is offline")

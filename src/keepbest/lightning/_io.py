@@ -255,19 +255,13 @@ class CheckpointIO(BaseCheckpointIO):
 
 
 def _moved(value: Any, map_location: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    """The checkpoint's tensors where ``map_location`` says, as ``torch.load`` reads it (a callable, a mapping
+    of device names, or a device)."""
+    def move(t: torch.Tensor) -> Any:
         if callable(map_location):
-            return map_location(value, "cpu")
+            return map_location(t, "cpu")
         if isinstance(map_location, Mapping):
-            return value.to(map_location.get("cpu", "cpu"))
-        return value.to(map_location)
-    if isinstance(value, list):
-        return [_moved(v, map_location) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_moved(v, map_location) for v in value)
-    if isinstance(value, dict):
-        out = type(value)((k, _moved(v, map_location)) for k, v in value.items())
-        if hasattr(value, "_metadata"):
-            out._metadata = value._metadata  # type: ignore[attr-defined]
-        return out
-    return value
+            return t.to(map_location.get("cpu", "cpu"))
+        return t.to(map_location)
+
+    return _state.map_tensors(value, move)

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -295,16 +295,23 @@ def _collect(state: Any, out: dict[int, torch.Tensor]) -> None:
 
 
 def _replaced(state: Any, copies: Mapping[int, torch.Tensor]) -> Any:
+    return map_tensors(state, lambda t: copies[id(t)], np.ndarray.copy)
+
+
+def map_tensors(state: Any, fn: Callable[[torch.Tensor], Any],
+                arrays: Callable[[np.ndarray], Any] | None = None) -> Any:
+    """``state`` rebuilt with ``fn(tensor)`` for each tensor (and ``arrays(array)`` for each NumPy array), its
+    containers kept: lists, tuples, dicts of their own type and a module's ``_metadata``."""
     if isinstance(state, torch.Tensor):
-        return copies[id(state)]
+        return fn(state)
     if isinstance(state, np.ndarray):
-        return state.copy()
+        return arrays(state) if arrays is not None else state
     if isinstance(state, list):
-        return [_replaced(v, copies) for v in state]
+        return [map_tensors(v, fn, arrays) for v in state]
     if isinstance(state, tuple):
-        return tuple(_replaced(v, copies) for v in state)
+        return tuple(map_tensors(v, fn, arrays) for v in state)
     if isinstance(state, dict):
-        out = type(state)((k, _replaced(v, copies)) for k, v in state.items())
+        out = type(state)((k, map_tensors(v, fn, arrays)) for k, v in state.items())
         if hasattr(state, "_metadata"):
             out._metadata = state._metadata  # type: ignore[attr-defined]
         return out
