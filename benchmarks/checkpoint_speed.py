@@ -29,12 +29,12 @@ The table is printed and written to ``--out`` (markdown).
 from __future__ import annotations
 
 import argparse
+import json
 import gc
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,16 +49,9 @@ import numpy as np  # noqa: E402
 import keepbest.keras  # noqa: E402
 from keepbest.keras import _host  # noqa: E402
 from keepbest.keras import ModelCheckpoint  # noqa: E402
+from _measure import dd_seconds, drop, parse_size, timed  # noqa: E402 - beside this script
 
 GB = 1e9
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def build_model(weight_bytes: int) -> keras.Model:
@@ -74,19 +67,6 @@ def build_model(weight_bytes: int) -> keras.Model:
 
 def state_bytes(model: keras.Model) -> int:
     return sum(int(np.prod(v.shape)) * 4 for v in model.weights + model.optimizer.variables)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def drop(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 class Bench:
@@ -120,13 +100,7 @@ class Bench:
         self.record("memcpy", timed(lambda: [np.copyto(d, s) for d, s in zip(self.host, sources)]))
 
     def dd(self) -> None:
-        target = self.work / "dd.bin"
-        count = max(1, round(self.nbytes / (64 << 20)))
-        seconds = timed(lambda: subprocess.run(
-            ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "conv=fsync"],
-            check=True, capture_output=True))
-        self.record("dd", seconds * self.nbytes / (count * (64 << 20)))  # scaled to the state's bytes
-        drop(target)
+        self.record("dd", dd_seconds(self.work / "dd.bin", self.nbytes))
 
     # -- Keras -------------------------------------------------------------------------------
     def keras_file(self) -> None:
@@ -163,9 +137,14 @@ class Bench:
         from keepbest.keras._state import OPTIMIZER_FILE, WEIGHTS_FILE, unique_paths
 
         for fname, variables in ((WEIGHTS_FILE, self.model.weights), (OPTIMIZER_FILE, self.model.optimizer.variables)):
+            wanted = dict(zip(unique_paths(variables), variables))
             with safe_open(str(folder / fname), framework="numpy") as f:
-                for path, v in zip(unique_paths(variables), variables):
-                    v.assign(f.get_tensor(path))
+                shards = json.loads((f.metadata() or {}).get("keepbest.shards", "[]"))  # large tensors live there
+            for name in [fname, *shards]:
+                with safe_open(str(folder / name), framework="numpy") as f:
+                    for path in f.keys():
+                        wanted.pop(path).assign(f.get_tensor(path))
+            assert not wanted, f"not found in {fname} and its shards: {sorted(wanted)[:3]}"
 
     def close(self) -> None:
         self.sync_cb.on_train_end()

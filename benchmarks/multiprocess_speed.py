@@ -40,15 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from _measure import parse_size  # noqa: E402 - beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def parse_size(text: str) -> int:
-    for unit, factor in {"KB": 1e3, "MB": 1e6, "GB": 1e9}.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -52,20 +52,13 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
+from _measure import parse_size, timed  # noqa: E402 - beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 MB, MiB = 1e6, 1 << 20
 LARGE, SMALL = 8, 8  # tensors in the state: LARGE share the bytes, SMALL are 4 KiB each
 OPS = ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "GetObject",
        "HeadObject", "ListObjectsV2", "DeleteObject")
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 # ================================================================================================
@@ -168,12 +161,6 @@ def rss_reset() -> int:
 
 def rss_peak_since(base: int) -> int:
     return _status("VmHWM") - base
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def s3_bucket(mgr: Any) -> Any:

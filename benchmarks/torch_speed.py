@@ -61,7 +61,6 @@ import platform
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,20 +75,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import keepbest
 from keepbest.torch import Checkpointer, _state
+from _measure import dd_seconds, drop, parse_size, timed  # noqa: E402 - beside this script
 
 GB = 1e9
 MS = 1e3
 
 # dcp.save / load / async_save without a process group run as a single process, and say so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def build(weight_bytes: int) -> tuple[torch.nn.Sequential, torch.optim.AdamW]:
@@ -111,19 +103,6 @@ def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[to
     for slots in opt.state_dict()["state"].values():
         out += [slots[k] for k in sorted(slots) if isinstance(slots[k], torch.Tensor)]  # a restore may reorder
     return out
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def drop(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def top_cumulative(fn: Callable[[], Any], n: int = 8) -> str:
@@ -177,13 +156,7 @@ class Bench:
         self.record("memcpy numpy", timed(lambda: [np.copyto(d, s) for d, s in zip(self.host_np, views)]))
 
     def dd(self) -> None:
-        target = self.work / "dd.bin"
-        count = max(1, round(self.nbytes / (64 << 20)))
-        seconds = timed(lambda: subprocess.run(
-            ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "conv=fsync"],
-            check=True, capture_output=True))
-        self.record("dd", seconds * self.nbytes / (count * (64 << 20)))  # scaled to the state's bytes
-        drop(target)
+        self.record("dd", dd_seconds(self.work / "dd.bin", self.nbytes))
 
     # -- torch.save --------------------------------------------------------------------------
     def torch_save(self) -> None:
