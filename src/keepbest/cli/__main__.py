@@ -1,0 +1,5 @@
+import sys
+
+from keepbest.cli import main
+
+sys.exit(main())
