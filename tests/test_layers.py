@@ -141,6 +141,7 @@ def test_the_cycle_check_finds_a_cycle_when_there_is_one():
 LAYERS = {
     0: {"keepbest._version", "keepbest.errors", "keepbest.manifest", "keepbest._digest"},
     1: {"keepbest.policy", "keepbest.codec", "keepbest.writer", "keepbest.rng", "keepbest.matching", "keepbest.store",
+        "keepbest.progress",
         "keepbest.distributed"},
     3: {"keepbest.cli", "keepbest.keras", "keepbest.torch", "keepbest.lightning"},
 }
