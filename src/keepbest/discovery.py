@@ -33,6 +33,17 @@ class Found:
     name: str | None
     checkpoints: list[Checkpoint]
     damaged: list[Damaged] = field(default_factory=list)
+    unmanaged: list[str] = field(default_factory=list)
+    """Model files without a keepbest manifest (saved by Keras or torch directly), when a folder was asked."""
+
+    def unmanaged_note(self) -> str | None:
+        """What to tell a user whose folder holds model files keepbest did not write (None when none)."""
+        if not self.unmanaged:
+            return None
+        shown = ", ".join(self.unmanaged[:5]) + (", ..." if len(self.unmanaged) > 5 else "")
+        return (f"{len(self.unmanaged)} model file(s) without keepbest manifests in {self.store.where()} ({shown}): "
+                "they were not saved by keepbest, so they have no digests to verify and no metrics to list. Load "
+                "one by its own path (keras.models.load_model, torch.load), or save with keepbest to manage them.")
 
 
 def find(location: str | os.PathLike[str] | Store, storage_options: Mapping[str, Any] | None = None) -> Found:
@@ -51,7 +62,7 @@ def find(location: str | os.PathLike[str] | Store, storage_options: Mapping[str,
                         store=store)
              for m in in_commit_order(manifests) if name is None or m.name == name]
     damaged = [d for d in listing.damaged if name is None or d.name == name]
-    return Found(store, name, ckpts, damaged)
+    return Found(store, name, ckpts, damaged, listing.unmanaged if name is None else [])
 
 
 def list_checkpoints(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> list[Checkpoint]:

@@ -9,22 +9,44 @@ from keepbest.checkpoint import Checkpoint
 from keepbest.store import Damaged
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
+    """``1.5 GB`` (powers of 1024). Sizes past petabytes (a hand-edited manifest) stay one short field."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size != size or size < 0:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if size < 1024 or unit == "PB":
+            if unit == "B":
+                return f"{size:.0f} B"
+            return f"{size:.1f} {unit}" if size < 1e4 else f"{size:.3g} {unit}"
         size /= 1024
-    return f"{size:.1f} TB"  # pragma: no cover - the loop always returns
+    raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+
+
+def number(value: float | None) -> str:
+    """A metric for a table: 4 decimals, or 4 significant digits where decimals would mislead or overflow."""
+    if value is None:
+        return "-"
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+        return f"{v:.4g}"
+    return f"{v:.4f}"
+
+
+def age(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h``, ``2d``: how long ago, in one short field."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _metric_order(name: str) -> tuple[int, int, str]:
     base = name.removeprefix("val_")
     return (name.startswith("val_"), base != "loss", base)
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _number(value: Any) -> float | None:
@@ -59,8 +81,8 @@ def table(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = ()) ->
             "-" if m.epoch is None else str(m.epoch),
             "-" if m.batch is None else str(m.batch),
             "-" if m.step is None else str(m.step),
-            *(_cell(c.metrics.get(k)) for k in metrics),
-            *(_cell(_number(c.evaluations.get(who, {}).get("metrics", {}).get(k))) for who, k in evaluated),
+            *(number(c.metrics.get(k)) for k in metrics),
+            *(number(_number(c.evaluations.get(who, {}).get("metrics", {}).get(k))) for who, k in evaluated),
             f"* {m.monitor.name}" if c.is_best and m.monitor else "",
             human_size(c.size),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
@@ -78,7 +100,54 @@ def table(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = ()) ->
 
 
 def _damaged_lines(damaged: Sequence[Damaged]) -> list[str]:
+    # Not wrapped: the reason names paths, which must stay whole to be copied.
     return [f"{d.name}  DAMAGED: {d.reason}" for d in damaged]
+
+
+def _shorten(text: str, room: int, middle: bool) -> str:
+    if len(text) <= room:
+        return text
+    if middle:  # names end in what tells them apart (the epoch), so keep both ends
+        head = (room - 1) // 2
+        return text[:head] + "…" + text[len(text) - (room - 1 - head):]
+    return text[: room - 1] + "…"
+
+
+def compact(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = (), *, width: int = 80,
+            now: float | None = None) -> str:
+    """What ``keepbest ls`` prints by default, fitted to ``width`` columns: name, epoch, the monitored metric,
+    best (``*``), version and aliases, size and age. Long names and alias lists are shortened with ``…``;
+    :func:`table` (``--wide``) shows every metric and evaluation.
+    """
+    if not checkpoints:
+        return "\n".join(["(no committed checkpoints)", *_damaged_lines(damaged)])
+    now = time.time() if now is None else now
+    monitors = {c.manifest.monitor.name for c in checkpoints if c.manifest.monitor is not None}
+    header = ["name", "epoch", monitors.pop() if len(monitors) == 1 else "monitored", "best/aliases", "size", "age"]
+    rows = [header]
+    for c in checkpoints:
+        m = c.manifest
+        value = "-" if m.monitor is None else number(_number(m.monitor_value))
+        if m.monitor is not None and header[2] == "monitored":
+            value = f"{m.monitor.name}={value}"
+        tags = " ".join(t for t in ("*" if c.is_best else "", "" if c.version is None else f"v{c.version}",
+                                    ",".join(c.aliases)) if t)
+        rows.append([c.name, "-" if m.epoch is None else str(m.epoch), value, tags, human_size(c.size),
+                     age(now - m.created)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    for col, floor in ((0, 12), (3, 12), (2, 10)):  # shrink the name, then the aliases, then the metric
+        if excess > 0 and widths[col] > floor:
+            cut = min(excess, widths[col] - floor)
+            widths[col] -= cut
+            excess -= cut
+    right = {1, 2, 4, 5}
+    lines = []
+    for r in rows:
+        cells = [_shorten(cell, w, middle=i == 0) for i, (cell, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(cells, widths))).rstrip())
+    return "\n".join(lines + _damaged_lines(damaged))
 
 
 def as_json(checkpoints: Sequence[Checkpoint], damaged: Sequence[Damaged] = ()) -> list[dict[str, Any]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from keepbest import CheckpointManager, KeepBest, KeepLast, Monitor
+from keepbest import CheckpointManager, KeepBest, KeepLast, Monitor, listing
 from tests.helpers import flip_byte
 
 
@@ -26,14 +27,51 @@ def run_dir(tmp_path):
     return tmp_path
 
 
-def test_ls_prints_one_row_per_checkpoint_with_the_best_marked(run_dir):
-    result = keepbest("ls", str(run_dir))
+def test_ls_wide_prints_every_metric_column_with_the_best_marked(run_dir):
+    result = keepbest("ls", "--wide", str(run_dir))
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.strip().splitlines()
     assert header.split()[:6] == ["name", "epoch", "batch", "step", "loss", "val_loss"]
     assert [r.split()[1] for r in rows] == ["2", "4", "5"]
     assert [("* val_loss" in r) for r in rows] == [True, False, False]
     assert "1.0000" in rows[0] and "B" in rows[0]
+
+
+def test_ls_prints_the_monitored_metric_best_and_aliases_in_short_columns(run_dir):
+    result = keepbest("ls", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split() == ["name", "epoch", "val_loss", "best/aliases", "size", "age"]
+    assert [r.split()[:3] for r in rows] == [["ckpt-000000020", "2", "1.0000"], ["ckpt-000000040", "4", "4.0000"],
+                                             ["ckpt-000000050", "5", "5.0000"]]
+    assert [r.split()[3] == "*" for r in rows] == [True, False, False]
+
+
+def test_ls_fits_a_long_name_and_aliases_into_80_columns(tmp_path):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss"), series="run-{epoch:04d}-" + "x" * 80)
+    for epoch in (1, 2):
+        mgr.save(epoch, {"w": np.zeros(3)}, metrics={"val_loss": 1.0 / epoch}, epoch=epoch)
+    mgr.promote(0, "production-candidate-for-the-" + "y" * 60)
+    result = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and max(map(len, lines)) <= 80, result.stdout
+    assert "…" in lines[1] and lines[1].split()[1:3] == ["1", "1.0000"]
+
+
+def test_ls_shows_a_hand_edited_huge_metric_in_a_short_field(run_dir):
+    path = run_dir / "ckpt-000000020" / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["metrics"]["val_loss"] = -1e308
+    path.write_text(json.dumps(doc))
+    for args in (["ls"], ["ls", "--wide"]):
+        out = keepbest(*args, str(run_dir)).stdout
+        assert "-1e+308" in out and max(map(len, out.splitlines())) < 160, out
+
+
+def test_sizes_past_petabytes_stay_one_short_field():
+    assert listing.human_size(10**30) == "8.88e+14 PB" and listing.human_size(1536) == "1.5 KB"
+    assert listing.human_size(5 * 1024**5) == "5.0 PB" and listing.human_size(999) == "999 B"
 
 
 def test_ls_json_carries_metrics_best_and_files(run_dir):

@@ -136,8 +136,9 @@ def test_cli_promote_then_ls_shows_versions_and_aliases(tmp_path, capsys):
         (0, ["epoch_1", "production"]), (1, ["best", "epoch_2"]), (2, ["latest", "epoch_3"])]
     out = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout
-    header, first, *_ = out.splitlines()
-    assert header.split()[-2:] == ["version", "aliases"] and first.split()[-2:] == ["v0", "epoch_1,production"]
+    header, first, second, _ = out.splitlines()
+    assert header.split()[3] == "best/aliases" and first.split()[3:5] == ["v0", "epoch_1,production"]
+    assert second.split()[3:6] == ["*", "v1", "best,epoch_2"]
 
 
 def test_cli_promote_reports_an_unknown_version(tmp_path):

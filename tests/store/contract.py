@@ -8,6 +8,8 @@ fixtures (fsspec's ``tests/abstract`` is the model):
   behind keepbest's back, as a user or a failing disk would
   (``how`` is ``"flip"``, ``"truncate"`` or ``"delete"``), and returns where
   that file is (its path or URL, as keepbest's messages name it).
+- ``put_foreign``: ``put_foreign(store, name, data)`` writes a top-level file
+  that keepbest did not write (a model saved by Keras itself).
 
 Only the contract's operations are used here; what a backend does on its
 own (crash images of a local folder, conditional PUTs) is tested beside it.
@@ -230,6 +232,20 @@ class StoreContract:
             store.verify(old)
 
     # -- integrity ---------------------------------------------------------------------------
+    def test_model_files_without_a_manifest_are_listed_as_unmanaged_only(self, store, put_foreign):
+        commit_file(store, "best.keras", b"saved by keepbest")
+        for name in ("model.keras", "notes.txt"):
+            put_foreign(store, name, b"saved by someone else")
+        listing = store.list()
+        assert [m.name for m in listing.manifests] == ["best.keras"] and listing.unmanaged == ["model.keras"]
+
+    @LAYOUTS
+    def test_verify_reports_progress_in_bytes_file_by_file(self, store, layout):
+        m = commit(store, layout, "ckpt", V1)
+        seen = []
+        store.verify(m, progress=seen.append)
+        assert seen == [f.size for f in m.files]
+
     @LAYOUTS
     def test_verify_passes_on_an_intact_checkpoint(self, store, layout):
         assert store.verify(commit(store, layout, "ckpt", V1)) is None

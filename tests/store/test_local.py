@@ -42,6 +42,13 @@ class TestLocalStore(StoreContract):
     def tamper(self):
         return _tamper
 
+    @pytest.fixture
+    def put_foreign(self):
+        def put(store, name, data):
+            store.root.mkdir(parents=True, exist_ok=True)
+            (store.root / name).write_bytes(data)
+        return put
+
 
 # --- fault injection ----------------------------------------------------------------------------------
 

@@ -44,6 +44,12 @@ class TestObjectStore(StoreContract):
     def tamper(self, s3):
         return _tamper_with(s3)
 
+    @pytest.fixture
+    def put_foreign(self, s3):
+        def put(store, name, data):
+            s3.client().put_object(Bucket=store.bucket.bucket, Key=store.bucket.key(name), Body=data)
+        return put
+
 
 # --- what only the object-store backend does ------------------------------------------------------------
 

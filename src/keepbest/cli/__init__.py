@@ -6,6 +6,8 @@ Imports no framework; ``sidecar`` (and the Keras conversions of ``export``) impo
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Sequence
 
 from keepbest._version import __version__
@@ -13,11 +15,22 @@ from keepbest.cli import _listing, _maintenance, _sidecar
 
 COMMANDS = (_listing, _maintenance, _sidecar)
 
+EPILOG = """\
+Every command takes a local path or a bucket URL (s3://bucket/prefix). Pass --json for machine-readable output.
+
+exit codes:
+  0  success (for diff: the checkpoints are equal)
+  1  a problem was found: a damaged or corrupt checkpoint, nothing that could be verified
+     (for diff: the checkpoints differ)
+  2  bad input: a path that does not exist, a URL that cannot be served, a wrong argument
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keepbest", description="Inspect and check keepbest checkpoints.")
+    parser = argparse.ArgumentParser(prog="keepbest", description="Inspect and check keepbest checkpoints.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"keepbest {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
     return parser
@@ -25,4 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`keepbest ls | head`): stop quietly, as other command-line tools do. Pointing
+        # stdout at /dev/null keeps Python's exit-time flush from raising the same error again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code

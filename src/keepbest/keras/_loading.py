@@ -52,6 +52,9 @@ def resolve(path: str | os.PathLike[str], fallback: bool = False,
     else:
         what = "is an empty folder or holds no committed checkpoint" if found.store.exists() else "does not exist"
         hint = "".join(f" {d.name}: {d.reason}" for d in found.damaged)
+        if found.unmanaged:
+            raise CheckpointNotFoundError(f"No keepbest checkpoint at {found.store.where()}: it holds "
+                                          f"{found.unmanaged_note()}{hint} Received: path={os.fspath(path)}")
         raise CheckpointNotFoundError(
             f"No checkpoint at {found.store.where()}: the path {what}. Check the path; a save that was "
             f"interrupted leaves nothing visible.{hint} Received: path={os.fspath(path)}"

@@ -190,6 +190,14 @@ def _bounded(safe: str, text: str, room: int) -> str:
     return safe.encode("utf-8")[: room - 18].decode("utf-8", "ignore") + "~" + _short(text)
 
 
+MODEL_SUFFIXES = (".keras", ".weights.h5", ".h5", ".hdf5", ".safetensors", ".pt", ".pth", ".ckpt")
+"""Files that look like a saved model; at the top level without a manifest they are reported as unmanaged."""
+
+
+def is_model_file(name: str) -> bool:
+    return name.lower().endswith(MODEL_SUFFIXES) and not name.startswith(RESERVED)
+
+
 def manifest_file(name: str) -> str:
     """The file in :data:`INDEX` that holds the manifest of the file checkpoint ``name``.
 

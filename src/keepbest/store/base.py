@@ -75,6 +75,9 @@ class Listing:
 
     manifests: list[Manifest] = field(default_factory=list)
     damaged: list[Damaged] = field(default_factory=list)
+    unmanaged: list[str] = field(default_factory=list)
+    """Model files at the top level that no manifest describes (``model.keras`` saved by Keras itself):
+    keepbest cannot vouch for them, so they are named, never listed as checkpoints."""
 
 
 @dataclass
@@ -288,8 +291,8 @@ class Store(abc.ABC):
         """Opens committed checkpoint ``manifest`` for reading."""
 
     @abc.abstractmethod
-    def verify(self, manifest: Manifest) -> None:
-        """Re-hashes every file of ``manifest``.
+    def verify(self, manifest: Manifest, progress: Callable[[int], None] | None = None) -> None:
+        """Re-hashes every file of ``manifest``; ``progress(nbytes)`` is called after each file verifies.
 
         Raises :class:`~keepbest.errors.CorruptCheckpointError` naming the file
         that is missing or differs, or

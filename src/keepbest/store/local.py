@@ -52,7 +52,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
@@ -247,6 +247,8 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
             for p in sorted(self.root.iterdir()):
                 if not p.name.startswith(RESERVED) and (p / MANIFEST).is_file():
                     self._read_into(out, p / MANIFEST, p.name, "dir")
+                elif _names.is_model_file(p.name) and not (self.index / _names.manifest_file(p.name)).exists():
+                    out.unmanaged.append(p.name)
         return out
 
     def _read_into(self, out: Listing, path: Path, folder: str | None, layout: str) -> None:
@@ -319,7 +321,7 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
         return now is None or _identity(now) != _identity(manifest) \
             or (manifest.layout == "file" and self.replacing(manifest.name))
 
-    def verify(self, manifest: Manifest) -> None:
+    def verify(self, manifest: Manifest, progress: Callable[[int], None] | None = None) -> None:
         for entry in manifest.files:
             path = self.file_path(manifest, entry)
             try:
@@ -340,6 +342,8 @@ class LocalStore(LocalRecords, LocalRecovery, Store):
                     f"checkpoint or restore the file. Received: size={size} {entry.algorithm}={digest[:16]}..., "
                     f"expected size={entry.size} {entry.algorithm}={entry.digest[:16]}..."
                 )
+            if progress is not None:
+                progress(entry.size)
 
     # -- uploads, watching, cleanup ---------------------------------------------------------
     def snapshot(self, manifest: Manifest) -> Path:

@@ -36,7 +36,7 @@ import time
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
@@ -312,6 +312,8 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
         for key in sorted(objects):
             layout = _manifest_layout(key)
             if layout is None:
+                if "/" not in key and _names.is_model_file(key) and f"{INDEX}/{_names.manifest_file(key)}" not in objects:
+                    out.unmanaged.append(key)
                 continue
             shown = key.split("/")[0] if layout == "dir" else key[len(INDEX) + 1 : -len(".json")]
             m = self._manifest(key, objects[key][1])
@@ -409,7 +411,7 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
             reader.fetch(f.path)
         return reader
 
-    def verify(self, manifest: Manifest) -> None:
+    def verify(self, manifest: Manifest, progress: Callable[[int], None] | None = None) -> None:
         for f in manifest.files:
             key = self.data_key(manifest.name, manifest.layout, manifest.files_under, f.path)
             try:
@@ -424,6 +426,8 @@ class ObjectStore(ObjectRecords, ObjectRecovery, Store):
                     "(it was truncated or modified after it was committed). Load another checkpoint or restore "
                     f"the object. Received: size={size} {f.algorithm}={digest[:16]}..., expected size={f.size} "
                     f"{f.algorithm}={f.digest[:16]}...")
+            if progress is not None:
+                progress(f.size)
 
     # -- uploads, watching ------------------------------------------------------------------------------
     def snapshot(self, manifest: Manifest) -> Path:
