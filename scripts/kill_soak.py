@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from keepbest.progress import bar  # noqa: E402  (after the path to the sources in this checkout)
 
 
 def main() -> int:
@@ -58,9 +61,11 @@ def main() -> int:
     model = build_model()
     totals = dict(trials=0, mid_save=0, lost=0, corrupt_accepted=0, orphans=0)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="keepbest-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="keepbest-soak-") as tmp, \
+            bar("kill soak", a.kills + a.resume_trials, unit="trials") as progress:
         for filename, kills in zip(FORMATS, per_format):
-            summary = run(filename, kills, a.seed, Path(tmp) / filename.replace(".", "_"), model)
+            summary = run(filename, kills, a.seed, Path(tmp) / filename.replace(".", "_"), model,
+                          on_trial=progress.advance)
             print(summary.line(), flush=True)
             for problem in summary.problems:
                 print(f"  {problem}", flush=True)
@@ -77,6 +82,7 @@ def main() -> int:
                 folder = Path(tmp) / f"resume{trial}"
                 folder.mkdir()
                 result = kill_then_resume(folder, rng)
+                progress.advance()
                 if result.weights != expected:
                     inexact += 1
                     print(f"  inexact resume: trial {trial + 1}, killed after steps {result.reached}, resumed "
@@ -96,7 +102,8 @@ def torch_trials(trials: int, seed: int) -> int:
 
     print(f"kill soak (torch): {trials} kill-and-resume trials of a plain torch loop, seed {seed}", flush=True)
     started, inexact = time.monotonic(), 0
-    with tempfile.TemporaryDirectory(prefix="keepbest-soak-torch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="keepbest-soak-torch-") as tmp, \
+            bar("kill soak (torch)", trials, unit="trials") as progress:
         reference = Path(tmp) / "uninterrupted"
         reference.mkdir()
         run_child(str(reference / "ckpt"), str(reference / "log"), child=CHILD)
@@ -106,6 +113,7 @@ def torch_trials(trials: int, seed: int) -> int:
             folder = Path(tmp) / f"trial{trial}"
             folder.mkdir()
             result = kill_then_resume(folder, rng, child_script=CHILD)
+            progress.advance()
             resumed = steps(folder / "final")
             worst = max(abs(resumed[s]["loss"] - losses[s]["loss"]) for s in resumed)
             if result.weights != expected or worst > 1e-6 or result.resumed_at == 0:

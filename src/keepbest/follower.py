@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from keepbest import evaluation, store as stores
+from keepbest import evaluation, progress, store as stores
 from keepbest.checkpoint import Checkpoint
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.evaluation import EvaluatorState, commit_id
@@ -85,6 +85,7 @@ class Follower:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._watch = self.store.watch(poll_interval, records=(self.store.record_key(evaluation.ENDED),))
+        self._backlog: progress.Bar | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "Follower":
@@ -130,6 +131,7 @@ class Follower:
         not evaluated.
         """
         self._stop.set()
+        self._track_backlog(0)
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
@@ -183,6 +185,7 @@ class Follower:
         while True:
             if look:
                 due = self.pending()
+                self._track_backlog(len(due))
                 if due:
                     m = due[0] if self.mode == "every" else due[-1]
                     return Checkpoint(m, self.store.where(m.name), store=self.store)
@@ -195,6 +198,16 @@ class Follower:
                 return None
             left = 1.0 if idle_timeout is None else min(1.0, idle_timeout - waited)
             look = self._watch.wait(max(left, 0.0))  # a bucket is listed again only once it changed
+
+    def _track_backlog(self, waiting: int) -> None:
+        """A progress bar while more than one checkpoint waits (a sidecar started late, or slower than training)."""
+        if self._backlog is None and waiting > 1 and self.mode == "every":
+            self._backlog = progress.bar(f"{self.name}: evaluating the backlog", waiting, unit="checkpoints")
+        elif self._backlog is not None and waiting == 0:
+            self._backlog.close()
+            self._backlog = None
+        elif self._backlog is not None:
+            self._backlog.set_total(self._backlog.done + waiting)
 
     def due(self, max_evaluations: int | None = None, idle_timeout: float | None = None) -> Checkpoint | None:
         """The next checkpoint to evaluate, or None once the evaluator should stop (``stop_reason`` says why):
@@ -233,6 +246,8 @@ class Follower:
             self.state.watermark = max(self.state.watermark, ckpt.manifest.created)
             self.state.evaluating = None
             self._save_state()
+        if self._backlog is not None:
+            self._backlog.advance(1)
         evaluation.prune_records(self.store, self.store.list().manifests, self.name)
 
     def quarantine(self, ckpt: Checkpoint, error: BaseException) -> None:

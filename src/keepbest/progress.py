@@ -69,6 +69,12 @@ class Bar:
         if self._rich is not None:
             self._rich.update(self._task, advance=n)
 
+    def set_total(self, total: float | None) -> None:
+        """Changes the amount the bar counts up to (more work arrived)."""
+        self.total = total
+        if self._rich is not None:
+            self._rich.update(self._task, total=total)
+
     def describe(self, description: str) -> None:
         """Changes the text beside the bar (e.g. the checkpoint being hashed)."""
         self.description = description

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from keepbest import progress
 from keepbest.errors import PublishError
 from keepbest.manifest import Manifest
 
@@ -120,6 +121,7 @@ class PublishQueue:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._bar: progress.Bar | None = None
 
     # -- called by the manager (writer thread) ------------------------------------------
     def put(self, events: Sequence[_Event]) -> None:
@@ -142,9 +144,15 @@ class PublishQueue:
         """Publishes what is queued, closes the publishers, then raises what failed (once)."""
         with self._lock:
             thread, self._closed = self._thread, True
+            backlog = self._events.qsize()
+            if thread is not None and backlog:  # training is over and waits for the uploads: say how many are left
+                self._bar = progress.bar(f"publishing ({', '.join(type(p).__name__ for p in self.publishers)})", backlog,
+                                         unit="events")
         if thread is not None:
             self._events.put(None)
             thread.join()
+        if self._bar is not None:
+            self._bar.close()
         for p in self.publishers:
             self._try(p, "close", p.close)
         self._raise()
@@ -171,6 +179,9 @@ class PublishQueue:
                 self._fail(f"{event.kind} event of {event.series}: {type(err).__name__}: {err}")
             finally:
                 self._events.task_done()
+                with self._lock:
+                    if self._bar is not None:
+                        self._bar.advance(1)
         self._events.task_done()  # the None that closed the queue
 
     def _handle(self, e: _Event) -> None:

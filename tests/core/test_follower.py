@@ -286,3 +286,16 @@ def test_heartbeats_keep_the_lease_fresh_while_the_follower_runs(tmp_path):
         print(f"the last heartbeat is {age:.2f} s old, {now - opened:.2f} s after the lease was taken (ttl {ttl} s)")
         assert held(tmp_path, _manifests(mgr), now) == {"ckpt-1"}
     assert held(tmp_path, _manifests(mgr), time.time()) == set()  # released on a normal exit
+
+
+def test_a_backlog_of_checkpoints_shows_a_progress_bar_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KEEPBEST_PROGRESS", "1")
+    mgr = CheckpointManager(tmp_path, series="ckpt-{epoch}")
+    for epoch in (1, 2, 3):
+        _save(mgr, epoch)
+    with Follower(tmp_path, name="late") as follower:
+        for _ in range(3):
+            follower.done(follower.next(idle_timeout=5), {"loss": 1.0})
+        assert follower.next(idle_timeout=0.1) is None
+    err = capsys.readouterr().err
+    assert "late: evaluating the backlog" in err and "3/3" in err

@@ -127,3 +127,16 @@ def test_an_upload_snapshot_left_by_a_killed_process_is_removed_by_recovery(tmp_
     assert LocalStore(tmp_path).orphans().dead == [str(left.parent)]
     LocalStore(tmp_path).recover()
     assert not left.parent.exists() and len(mgr.checkpoints()) == 1
+
+
+def test_close_shows_the_upload_backlog_as_a_progress_bar_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KEEPBEST_PROGRESS", "1")
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+    mgr = CheckpointManager(tmp_path, publishers=_queue(rec))
+    for step in (1, 2, 3):
+        mgr.save(step, {"w": np.zeros(2)})
+    threading.Timer(0.5, gate.set).start()  # the tracker is slow: close() finds events still queued
+    mgr.close()
+    assert [e[1] for e in rec.events if e[0] == "committed"] == [0, 1, 2]
+    assert "publishing (Recorder)" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -93,8 +94,9 @@ def held_save(model: keras.Model, filepath: Path) -> int | None:
     return int(values[0]) if len(values) == 1 else None
 
 
-def run(filename: str, kills: int, seed: int, workdir: Path, model: keras.Model) -> Summary:
-    """``kills`` trials of one format, two chains at a time."""
+def run(filename: str, kills: int, seed: int, workdir: Path, model: keras.Model,
+        on_trial: Callable[[], None] | None = None) -> Summary:
+    """``kills`` trials of one format, two chains at a time; ``on_trial()`` after each (a progress bar)."""
     rng = random.Random(f"{seed}-{filename}")
     summary = Summary(filename, seed)
     chains = [workdir / "a", workdir / "b"]
@@ -117,6 +119,8 @@ def run(filename: str, kills: int, seed: int, workdir: Path, model: keras.Model)
                 if trial.ended:
                     committed[chain] = trial.ended[-1]
                 _check(summary, chain, filename, trial, committed, model, where)
+                if on_trial is not None:
+                    on_trial()
     return summary
 
 
