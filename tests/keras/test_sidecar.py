@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -187,9 +188,23 @@ def test_cli_sidecar_evaluates_exports_and_prints_a_line_per_evaluation(tmp_path
     assert "loss=" in lines[0] and "accuracy=" in lines[0]
     assert "stopped (training ended); 2 checkpoint(s) evaluated" in result.stdout
     assert [c.name for c in list_checkpoints(tmp_path / "best")][-1] == "best-02"
-    listed = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", str(directory)], capture_output=True,
-                            text=True, timeout=60).stdout
+    listed = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", "--wide", str(directory)],
+                            capture_output=True, text=True, timeout=60).stdout
     assert "eval:loss" in listed.splitlines()[0]
+
+
+def test_cli_sidecar_json_prints_one_document_of_what_it_evaluated(tmp_path):
+    directory = tmp_path / "ckpt"
+    _train_in_process(directory, 1)
+    procs = str(HERE / "sidecar_procs.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "keepbest.cli", "sidecar", str(directory), "--model", f"{procs}:make_model",
+         "--data", f"{procs}:eval_data", "--series", FILEPATH, "--name", "quiet", "--json"],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["evaluator"] == "quiet" and doc["stopped"] == "training ended"
+    assert [(e["name"], sorted(e["metrics"])) for e in doc["evaluated"]] == [("ckpt-0001", ["accuracy", "loss"])]
 
 
 def test_unbuilt_model_is_refused_before_anything_is_evaluated(tmp_path):

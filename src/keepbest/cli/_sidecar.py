@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 
 from keepbest import store as stores
+from keepbest.discovery import find
 
 
 _loaded: dict[str, object] = {}
@@ -61,15 +63,23 @@ def _sidecar(args: argparse.Namespace) -> int:
     if args.export:
         callbacks.append(keepbest.keras.SidecarEvaluatorModelExport(
             args.export, os.path.join(args.dir, args.series or "ckpt"), monitor=args.monitor,
-            mode=args.metric_mode, save_weights_only=args.save_weights_only, verbose=1))
+            mode=args.metric_mode, save_weights_only=args.save_weights_only, verbose=0 if args.json else 1))
     evaluator = keepbest.keras.SidecarEvaluator(
         model, make_data(), args.dir, steps=args.steps, max_evaluations=args.max_evaluations,  # type: ignore[operator]
         callbacks=callbacks, mode=args.mode, name=args.name, series=args.series,
-        idle_timeout=args.idle_timeout, poll_interval=args.poll_interval, verbose=1)
+        idle_timeout=args.idle_timeout, poll_interval=args.poll_interval, verbose=0 if args.json else 1)
     looks = "polling every" if stores.is_url(args.dir) else "file events, else a look every"
-    print(f"keepbest sidecar: following {args.dir} (mode {args.mode}, evaluator '{args.name}', "
-          f"{os.environ.get('KERAS_BACKEND', 'keras default')} backend, {looks} {args.poll_interval:g} s)", flush=True)
+    if not args.json:
+        print(f"keepbest sidecar: following {args.dir} (mode {args.mode}, evaluator '{args.name}', "
+              f"{os.environ.get('KERAS_BACKEND', 'keras default')} backend, {looks} {args.poll_interval:g} s)",
+              flush=True)
     evaluator.start()
+    if args.json:  # one document once it stops: what it evaluated (as recorded beside each checkpoint) and why
+        evaluated = [{"name": c.name, "epoch": c.manifest.epoch, "step": c.manifest.step,
+                      **{k: c.evaluations[args.name].get(k) for k in ("metrics", "quarantined", "seconds")}}
+                     for c in find(args.dir).checkpoints if args.name in c.evaluations]
+        print(json.dumps({"evaluator": args.name, "stopped": evaluator.stop_reason, "evaluated": evaluated},
+                         indent=2))
     return 0
 
 
@@ -95,5 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--monitor", default="loss", help="evaluation metric that decides the best (default: loss)")
     sc.add_argument("--metric-mode", default="auto", choices=("auto", "min", "max"), help="for --monitor")
     sc.add_argument("--save-weights-only", action="store_true", help="export weights only")
+    sc.add_argument("--json", action="store_true",
+                    help="print nothing while it runs, then one JSON document of what it evaluated and why it stopped")
     sc.add_argument("--backend", choices=("jax", "torch", "tensorflow"), help="sets KERAS_BACKEND")
     sc.set_defaults(func=_sidecar)
