@@ -36,12 +36,13 @@ from keepbest.policy._retention import (
     plan,
     retained,
 )
+from keepbest.policy._keywords import rules_from
 from keepbest.policy._sizes import format_size, parse_size
 
 __all__ = [
     "MODES", "Candidate", "KeepBest", "KeepEvery", "KeepLast", "KeepPeriod", "KeepRule", "Limit", "MaxBytes",
     "Monitor", "Plan", "Rule", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
-    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained",
+    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained", "rules_from",
 ]
 
 MODES = ("auto", "min", "max")
