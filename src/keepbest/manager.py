@@ -100,6 +100,9 @@ class CheckpointManager:
             written once, by one process, and process 0 commits one manifest
             and alone prunes, moves aliases and publishes. The directory must
             be the same folder for all (a shared filesystem) or a bucket URL.
+        recover: clean up what a crashed writer left (finish or undo its
+            interrupted commit, remove its temporary files) now; False
+            changes nothing on start (``keepbest gc --dry-run``).
 
     Every commit is a version of the series (v0, v1, ...) with aliases
     ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)
@@ -116,7 +119,8 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
                  keep: Sequence[Rule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
                  publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True,
-                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None,
+                 recover: bool = True) -> None:
         keep = check_rules(keep, monitor is not None)
         if not isinstance(dedup, bool):
             raise TypeError(f"dedup must be True or False. Received: dedup={dedup!r}")
@@ -140,7 +144,7 @@ class CheckpointManager:
             PublishQueue(list(publishers)) if publishers else None)
         self.dedup = dedup
         # Process 0 alone cleans up: the others' staged files are its own save's.
-        self.recovery = self.store.recover() if self.committer and self.store.exists() else None
+        self.recovery = self.store.recover() if recover and self.committer and self.store.exists() else None
         if self.recovery is not None and self.recovery.undecided:
             log.warning("keepbest: left %d file(s) in %s whose writer may still run on another host or in another "
                         "PID namespace: %s. Remove them by hand once no keepbest process writes there.",
