@@ -28,6 +28,7 @@ from keepbest.policy._retention import (
     MaxBytes,
     Plan,
     Rule,
+    Trim,
     best_candidate,
     check_rules,
     describe,
@@ -41,7 +42,7 @@ from keepbest.policy._sizes import format_size, parse_size
 
 __all__ = [
     "MODES", "Candidate", "KeepBest", "KeepEvery", "KeepLast", "KeepPeriod", "KeepRule", "Limit", "MaxBytes",
-    "Monitor", "Plan", "Rule", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
+    "Monitor", "Plan", "Rule", "Trim", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
     "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained", "rules_from",
 ]
 
