@@ -269,17 +269,19 @@ def check_rules(rules: Iterable[object], monitored: bool, owner: str = "keep") -
         TypeError: for something that is neither a :class:`KeepRule` nor a :class:`Limit`.
         ValueError: for a rule that ranks by the monitor when there is none.
     """
-    out = tuple(rules)
-    for rule in out:
+    given = tuple(rules)
+    out: list[Rule] = []
+    for rule in given:
         if isinstance(rule, type) or not isinstance(rule, (KeepRule, Limit)):
             raise TypeError(
                 f"{owner} must be a list of retention rules (KeepLast, KeepBest, KeepEvery, KeepPeriod, MaxBytes, or "
                 "an object with keeps() or trim(), describe() and needs_monitor). Wrap numbers in a rule, e.g. "
-                f"KeepLast(2). Received: {owner}={list(out)!r}")
+                f"KeepLast(2). Received: {owner}={list(given)!r}")
         if rule.needs_monitor and not monitored:
             raise ValueError(f"{type(rule).__name__} needs a monitor to rank checkpoints. Pass "
-                             f"monitor=Monitor(name, mode). Received: {owner}={list(out)!r}, monitor=None")
-    return out
+                             f"monitor=Monitor(name, mode). Received: {owner}={list(given)!r}, monitor=None")
+        out.append(rule)
+    return tuple(out)
 
 
 def plan(candidates: Sequence[Candidate], rules: Sequence[Rule], mode: str | None,
