@@ -47,8 +47,8 @@ def test_gc_keep_rules_delete_what_no_rule_keeps_except_the_protected(run_dir):
 def test_gc_dry_run_lists_what_rules_would_delete_and_why_and_deletes_nothing(run_dir):
     result = keepbest("gc", "--dry-run", "--keep-last", "2", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"would delete {_name(e)} (retention: keep_last=2)" for e in (1, 2, 5, 6, 7, 8,
-                                                                                                     9, 10)]
+    assert result.stdout.splitlines() == [f"would delete {_name(e)} (retention: keep_last=2)"
+                                          for e in (1, 2, 5, 6, 7, 8, 9, 10)]
     assert len(_epochs(run_dir)) == 12
 
 

@@ -134,7 +134,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 f"Retention ({', '.join(r.describe() for r in self._keep)}) prunes the checkpoints of one folder, "
                 f"but this filepath puts each checkpoint in a folder of its own ('{_dirname(self.filepath)}' has a "
                 "placeholder), so nothing could ever be pruned. Put the placeholder in the file name (e.g. "
-                f"'runs/model-{{epoch:02d}}.keras'), or drop the retention keywords. Received: filepath={self.filepath}")
+                "'runs/model-{epoch:02d}.keras'), or drop the retention keywords. "
+                f"Received: filepath={self.filepath}")
         literal = "".join(text for text, *_ in string.Formatter().parse(os.path.basename(self.filepath)))
         if len(os.fsencode(literal)) > 255:
             raise ValueError(f"The file name of ModelCheckpoint's filepath is {len(os.fsencode(literal))} bytes long "

@@ -19,13 +19,8 @@ from dataclasses import dataclass
 from keepbest.errors import MonitorError
 from keepbest.policy._retention import (
     Candidate,
-    KeepBest,
-    KeepEvery,
-    KeepLast,
-    KeepPeriod,
     KeepRule,
     Limit,
-    MaxBytes,
     Plan,
     Rule,
     Trim,
@@ -38,12 +33,14 @@ from keepbest.policy._retention import (
     retained,
 )
 from keepbest.policy._keywords import rules_from
+from keepbest.policy._rules import KeepBest, KeepEvery, KeepLast, KeepPeriod, MaxBytes
 from keepbest.policy._sizes import format_size, parse_size
 
 __all__ = [
     "MODES", "Candidate", "KeepBest", "KeepEvery", "KeepLast", "KeepPeriod", "KeepRule", "Limit", "MaxBytes",
     "Monitor", "Plan", "Rule", "Trim", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
-    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained", "rules_from",
+    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained",
+    "rules_from",
 ]
 
 MODES = ("auto", "min", "max")

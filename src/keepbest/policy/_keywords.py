@@ -6,23 +6,16 @@ Example:
     >>> rules_from(keep_every=0)
     Traceback (most recent call last):
     ...
-    ValueError: `keep_every` must be a positive integer (a number of epochs, as KeepEvery(n)) or None (no such rule). Received: keep_every=0
+    ValueError: `keep_every` must be a positive integer (a number of epochs, as KeepEvery(n)) or None (no such rule). \
+Received: keep_every=0
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from keepbest.policy._retention import (
-    KeepBest,
-    KeepEvery,
-    KeepLast,
-    KeepPeriod,
-    MaxBytes,
-    Rule,
-    check_rules,
-    is_finite_number,
-)
+from keepbest.policy._retention import Rule, check_rules, is_finite_number
+from keepbest.policy._rules import KeepBest, KeepEvery, KeepLast, KeepPeriod, MaxBytes
 from keepbest.policy._sizes import parse_size
 
 

@@ -31,7 +31,8 @@ def parse_size(value: int | str, name: str = "max_bytes") -> int:
         n = round(exact) if math.isfinite(exact) and abs(exact - round(exact)) < 1e-6 * max(1.0, exact) else -1
     else:
         raise ValueError(f"{name} must be a number of bytes: an int, or a string such as '50GB', '1.5 GiB' or "
-                         f"'500MB' (units B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB; case does not matter). Received: {name}={value!r}")
+                         "'500MB' (units B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB; case does not matter). "
+                         f"Received: {name}={value!r}")
     if n < 1:
         raise ValueError(f"{name} must be a positive whole number of bytes, e.g. 50_000_000_000 or '50GB'. "
                          f"Received: {name}={value!r}")
