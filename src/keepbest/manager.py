@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from keepbest.distributed import Coordinator, Solo
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord
 from keepbest.payload import Payload, TensorPayload
-from keepbest.policy import Candidate, KeepBest, KeepLast, KeepRule, Monitor, describe, doomed
+from keepbest.policy import Candidate, Monitor, Plan, Rule, check_rules, plan
 from keepbest.publishing import Publisher, PublishQueue, Version, events_for
 from keepbest.series import AliasRecord, SeriesIndex
 from keepbest.store import Damaged, Staged
@@ -67,9 +68,14 @@ class CheckpointManager:
             without ``keepbest[s3]``) or a bucket that does not exist raises
             :class:`~keepbest.errors.StorageError` here, before anything is written.
         monitor: the metric that defines "best"; without it there is no best.
-        keep: retention rules (``KeepLast``, ``KeepBest``), combined as a union.
-            Without rules nothing is deleted. The newest and the best are
-            always kept.
+        keep: retention rules, any :class:`~keepbest.policy.KeepRule` (``KeepLast``,
+            ``KeepBest``, ``KeepEvery``, ``KeepPeriod``) or
+            :class:`~keepbest.policy.Limit` (``MaxBytes``). A checkpoint
+            survives when any keep rule keeps it (without keep rules, all
+            do); limits then drop the oldest of those until they fit. Without
+            rules nothing is deleted. The newest, the best, an aliased one and
+            one an evaluator holds are always kept; when they alone exceed a
+            limit, a ``UserWarning`` says so (once per manager).
         series: groups the checkpoints this manager owns, so several writers
             can share a directory without pruning each other's files.
         writer: the background writer to use (several managers may share one,
@@ -94,6 +100,9 @@ class CheckpointManager:
             written once, by one process, and process 0 commits one manifest
             and alone prunes, moves aliases and publishes. The directory must
             be the same folder for all (a shared filesystem) or a bucket URL.
+        recover: clean up what a crashed writer left (finish or undo its
+            interrupted commit, remove its temporary files) now; False
+            changes nothing on start (``keepbest gc --dry-run``).
 
     Every commit is a version of the series (v0, v1, ...) with aliases
     ``latest``, ``best`` and ``epoch_N``; user aliases (:meth:`promote`)
@@ -108,14 +117,11 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: Monitor | None = None,
-                 keep: Sequence[KeepRule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
+                 keep: Sequence[Rule] = (), series: str = "ckpt", writer: AsyncWriter | None = None,
                  publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True,
-                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None) -> None:
-        if any(not isinstance(rule, (KeepLast, KeepBest)) for rule in keep):
-            raise TypeError(f"keep must be a list of KeepLast/KeepBest rules. Received: keep={keep!r}")
-        if monitor is None and any(isinstance(rule, KeepBest) for rule in keep):
-            raise ValueError("KeepBest needs a monitor to rank checkpoints. Pass monitor=Monitor(name, mode). "
-                             f"Received: keep={list(keep)!r}, monitor=None")
+                 storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None,
+                 recover: bool = True) -> None:
+        keep = check_rules(keep, monitor is not None)
         if not isinstance(dedup, bool):
             raise TypeError(f"dedup must be True or False. Received: dedup={dedup!r}")
         if not isinstance(series, str) or not series:
@@ -129,7 +135,8 @@ class CheckpointManager:
         self.channel = self.coordinator.channel(f"{self.store.url}#{series}") if self.coordinator.size > 1 else None
         self._ownership: dict[tuple[str, str], int] = {}  # who wrote each tensor at the last save (many processes)
         self.monitor = monitor
-        self.keep = tuple(keep)
+        self.keep: tuple[Rule, ...] = keep
+        self._warned_limits = False
         self.series = series
         self.index = SeriesIndex(self.store, series)
         self.writer = writer or AsyncWriter()
@@ -137,7 +144,7 @@ class CheckpointManager:
             PublishQueue(list(publishers)) if publishers else None)
         self.dedup = dedup
         # Process 0 alone cleans up: the others' staged files are its own save's.
-        self.recovery = self.store.recover() if self.committer and self.store.exists() else None
+        self.recovery = self.store.recover() if recover and self.committer and self.store.exists() else None
         if self.recovery is not None and self.recovery.undecided:
             log.warning("keepbest: left %d file(s) in %s whose writer may still run on another host or in another "
                         "PID namespace: %s. Remove them by hand once no keepbest process writes there.",
@@ -395,7 +402,7 @@ class CheckpointManager:
         return self.writer.submit(self.store.where(name), persist)
 
     def _together(self, manifest: Manifest, payload: Payload, snapshot: bool, monitor: Monitor | None,
-                  keep: Sequence[KeepRule]) -> Callable[[], Checkpoint]:
+                  keep: Sequence[Rule]) -> Callable[[], Checkpoint]:
         """The save of one checkpoint by every process (see :mod:`keepbest.multiprocess`)."""
         if not isinstance(payload, TensorPayload) or payload.layout != "dir":
             raise ValueError(
@@ -420,13 +427,13 @@ class CheckpointManager:
         return persist
 
     def _after_commit(self, committed: Manifest, before: list[Manifest], monitor: Monitor | None,
-                      keep: Sequence[KeepRule]) -> Checkpoint:
+                      keep: Sequence[Rule]) -> Checkpoint:
         """History, retention, aliases and publishing of a commit (process 0 only)."""
         name, version = committed.name, committed.version
         replaced = [m for m in before if m.name == name and m.version != version]
         events = [history.deleted(m, "replaced by a new save under the same name") for m in replaced]
         events.append(history.committed(committed))
-        kept, record, gone = self._apply_retention(self._mine(), monitor, keep, protect={name}, events=events)
+        kept, record, gone = self._apply_retention(self._mine(), monitor, keep, {name: "newest"}, events)
         history.append(self.store, self.series, events)
         if self.publisher is not None and version is not None:
             snap = self.store.snapshot(committed)
@@ -436,23 +443,42 @@ class CheckpointManager:
         return next((c for c in self._as_checkpoints(kept, monitor, record) if c.name == name),
                     self._checkpoint(committed))
 
-    def _apply_retention(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[KeepRule],
-                         protect: set[str], events: list[dict[str, Any]]
+    def _plan(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[Rule],
+              protect: Mapping[str, str]) -> Plan:
+        """What ``keep`` deletes of ``mine``, name -> the rule that lets it go, and the limits not met."""
+        if not keep:
+            return Plan()
+        # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays; so do the
+        # best by every monitor recorded in the series (another writer's best) and what a user alias holds.
+        held = dict(protect)
+        held.update((n, "best") for n in sorted(bests(mine)) if n not in held)
+        users = self.index.current(mine).user
+        for m in mine:
+            aliases = [a for a, v in sorted(users.items()) if m.version is not None and v == m.version]
+            if aliases and m.name not in held:
+                held[m.name] = "alias " + ", ".join(aliases)
+        held.update((n, "an evaluator holds it") for n in sorted(evaluation.held(self.store, mine, time.time()))
+                    if n not in held)
+        cands = [Candidate(m.name, m.created, self._value(m, monitor), size=sum(f.size for f in m.files),
+                           created=m.created, epoch=m.epoch) for m in mine]
+        return plan(cands, keep, monitor.mode if monitor else None, held)
+
+    def _apply_retention(self, mine: list[Manifest], monitor: Monitor | None, keep: Sequence[Rule],
+                         protect: Mapping[str, str], events: list[dict[str, Any]]
                          ) -> tuple[list[Manifest], AliasRecord, list[Manifest]]:
         """Deletes what the rules drop (retired in the series record first); returns what is kept, the
         aliases now, and what was deleted."""
         gone: list[Manifest] = []
-        if keep:
-            # What a sidecar evaluator is reading, or (in its "every" mode) has not read yet, stays; so does
-            # the best by every monitor recorded in the series (another writer's best).
-            protect = protect | bests(mine) | evaluation.held(self.store, mine, time.time())
-            cands = [Candidate(m.name, m.created, self._value(m, monitor)) for m in mine]
-            names = set(doomed(cands, keep, monitor.mode if monitor else None, protect))
-            dropping = [m for m in in_commit_order(mine) if m.name in names]
-            for m in self.index.retire(dropping) if dropping else []:
-                self.store.delete(m)
-                events.append(history.deleted(m, f"retention: {describe(keep)}"))
-                gone.append(m)
+        decided = self._plan(mine, monitor, keep, protect)
+        dropping = [m for m in in_commit_order(mine) if m.name in decided.drop]
+        for m in self.index.retire(dropping) if dropping else []:
+            self.store.delete(m)
+            events.append(history.deleted(m, decided.drop[m.name]))
+            gone.append(m)
+        if decided.problems and not self._warned_limits:
+            self._warned_limits = True  # once per manager: every later save would say the same
+            warnings.warn(f"keepbest: retention in {self.store.where()} (series '{self.series}'): "
+                          + " ".join(decided.problems), UserWarning, stacklevel=2)
         kept = [m for m in mine if m not in gone]
         return kept, self.index.refresh(kept), gone
 
@@ -486,13 +512,29 @@ class CheckpointManager:
             self.store.discard(staged)
             raise
 
-    def prune(self) -> list[str]:
-        """Deletes this series' checkpoints that no retention rule keeps; returns their names (process 0 deletes)."""
+    def plan_retention(self, keep: Sequence[Rule] | None = None) -> Plan:
+        """What :meth:`prune` would delete now, deleting nothing: ``Plan.drop`` maps each name, oldest first,
+        to the rule that lets it go; ``Plan.problems`` says which limits cannot be met."""
+        keep = self.keep if keep is None else check_rules(keep, self.monitor is not None)
+        self.writer.wait()
+        return self._plan(self._mine(), self.monitor, keep, {})
+
+    def prune(self, keep: Sequence[Rule] | None = None, *, dry_run: bool = False) -> list[str]:
+        """Deletes this series' checkpoints that the rules (``keep``, by default this manager's) let go;
+        returns their names, oldest first (process 0 deletes; the others return []).
+
+        Applies rules after the fact, with every protection of a save: the newest, the best, an aliased
+        checkpoint and one an evaluator holds stay. With ``dry_run`` it deletes nothing and returns what it
+        would delete (see :meth:`plan_retention` for the reasons).
+        """
+        keep = self.keep if keep is None else check_rules(keep, self.monitor is not None)
         self.writer.wait()
         if not self.committer:
             return []
+        if dry_run:
+            return list(self.plan_retention(keep).drop)
         events: list[dict[str, Any]] = []
-        _kept, record, gone = self._apply_retention(self._mine(), self.monitor, self.keep, set(), events)
+        _kept, record, gone = self._apply_retention(self._mine(), self.monitor, keep, {}, events)
         history.append(self.store, self.series, events)
         self._publish(None, record, gone)
         return [m.name for m in gone]

@@ -135,7 +135,7 @@ def test_load_of_a_checkpoint_without_state_file_raises(tmp_path):
 
 
 def test_keep_must_be_rules(tmp_path):
-    with pytest.raises(TypeError, match="keep must be a list of KeepLast/KeepBest rules"):
+    with pytest.raises(TypeError, match="keep must be a list of retention rules"):
         CheckpointManager(tmp_path, keep=[2])
 
 

@@ -21,7 +21,7 @@ from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
 from keepbest.publishing import Publisher, PublishQueue
-from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, batches_advanced, check_mode, epoch_is_due, resolve_mode
+from keepbest.policy import Monitor, Rule, batches_advanced, check_mode, epoch_is_due, resolve_mode, rules_from
 from keepbest.writer import AsyncWriter, SaveHandle
 
 try:  # Keras's own printer honours keras.config.disable_interactive_logging()
@@ -31,17 +31,9 @@ except ImportError:  # pragma: no cover - a future Keras moved it
         print(message, flush=True)
 
 _ARGS = ("filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
-         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "min_delta", "async_save", "publishers")
+         "save_freq", "initial_value_threshold", "keep_last", "keep_best", "keep_every", "keep_period", "max_bytes",
+         "keep", "min_delta", "async_save", "publishers")
 _LEGACY = ("period", "options", "load_weights_on_restart")
-
-
-def _positive_int_or_none(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer (a number of checkpoints to keep) or None "
-                         f"(no limit). Received: {name}={value!r}")
-    return value
 
 
 class ModelCheckpoint(keras.callbacks.Callback):
@@ -59,7 +51,18 @@ class ModelCheckpoint(keras.callbacks.Callback):
             initial_value_threshold: as in Keras.
         keep_last: keep only the newest N checkpoints of this filepath.
         keep_best: keep only the best K checkpoints by ``monitor``. Combined
-            with ``keep_last``, a checkpoint is kept if either wants it.
+            with the other rules, a checkpoint is kept if any wants it.
+        keep_every: also keep the checkpoints of every N-th epoch (epochs N,
+            2N, ..., counted from 1 as Keras prints them).
+        keep_period: also keep one checkpoint per period of this many
+            seconds (the first of each, periods aligned to the clock).
+        max_bytes: a budget for this filepath's checkpoints, in bytes or as
+            ``"50GB"``/``"1.5 GiB"``: the oldest of those the rules keep are
+            deleted until the rest fits (alone, it keeps what fits).
+        keep: more rules, any ``keepbest.policy`` rule (``KeepEvery(10)``,
+            ``MaxBytes("50GB")``) or your own. Whatever the rules say, the
+            newest, the best, an aliased checkpoint and one a sidecar
+            evaluator holds are kept.
         min_delta: smallest change of ``monitor`` that counts as improvement.
         publishers: remote trackers that mirror every commit, alias and
             deletion in the background (``keepbest.wandb_publisher.WandbPublisher``,
@@ -92,7 +95,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss", verbose: int = 0,
                  save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
                  save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
-                 keep_last: int | None = None, keep_best: int | None = None, min_delta: float = 0.0,
+                 keep_last: int | None = None, keep_best: int | None = None, keep_every: int | None = None,
+                 keep_period: float | None = None, max_bytes: int | str | None = None, keep: Sequence[Rule] = (),
+                 min_delta: float = 0.0,
                  async_save: bool = False, publishers: Sequence[Publisher] = (),
                  storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None,
                  **kwargs: Any) -> None:
@@ -122,12 +127,15 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 "The filepath of ModelCheckpoint uses {batch}, but save_freq='epoch' saves at the end of each "
                 "epoch, where there is no batch. Pass save_freq=<number of batches>, or remove {batch}. "
                 f"Received: filepath={self.filepath}, save_freq='epoch'")
-        if (keep_last is not None or keep_best is not None) and _has_placeholders(_dirname(self.filepath)):
+        self._keep: tuple[Rule, ...] = rules_from(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
+                                                  keep_period=keep_period, max_bytes=max_bytes, keep=keep)
+        if self._keep and _has_placeholders(_dirname(self.filepath)):
             raise ValueError(
-                "keep_last/keep_best prune the checkpoints of one folder, but this filepath puts each checkpoint "
-                f"in a folder of its own ('{_dirname(self.filepath)}' has a placeholder), so nothing could ever "
-                "be pruned. Put the placeholder in the file name (e.g. 'runs/model-{epoch:02d}.keras'), or drop "
-                f"keep_last/keep_best. Received: filepath={self.filepath}")
+                f"Retention ({', '.join(r.describe() for r in self._keep)}) prunes the checkpoints of one folder, "
+                f"but this filepath puts each checkpoint in a folder of its own ('{_dirname(self.filepath)}' has a "
+                "placeholder), so nothing could ever be pruned. Put the placeholder in the file name (e.g. "
+                "'runs/model-{epoch:02d}.keras'), or drop the retention keywords. "
+                f"Received: filepath={self.filepath}")
         literal = "".join(text for text, *_ in string.Formatter().parse(os.path.basename(self.filepath)))
         if len(os.fsencode(literal)) > 255:
             raise ValueError(f"The file name of ModelCheckpoint's filepath is {len(os.fsencode(literal))} bytes long "
@@ -155,8 +163,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self.mode = mode
         self.save_freq = save_freq
         self.best: float | None = initial_value_threshold
-        self.keep_last = _positive_int_or_none("keep_last", keep_last)
-        self.keep_best = _positive_int_or_none("keep_best", keep_best)
+        self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
+        self.keep_period, self.max_bytes = keep_period, max_bytes
         self.min_delta = abs(float(min_delta))
         if not isinstance(async_save, bool):
             raise TypeError(f"`async_save` must be True or False. Received: async_save={async_save!r}")
@@ -164,9 +172,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._writer = AsyncWriter()  # shared by every folder this callback saves into: one save in flight
         self._publish = PublishQueue(list(publishers)) if publishers else None
         self._pending: tuple[SaveHandle[Any], int, str] | None = None
-        self._keep: tuple[KeepRule, ...] = tuple(
-            r for r in (KeepLast(keep_last) if keep_last else None, KeepBest(keep_best) if keep_best else None) if r
-        )
         self._monitor: Monitor | None = None
         self._monitor_checked = False
         self._logged: set[str] = set()
@@ -300,7 +305,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     @property
     def _monitor_needed(self) -> bool:
-        return self.save_best_only or self.keep_best is not None
+        return self.save_best_only or any(r.needs_monitor for r in self._keep)
 
     def _check_monitor(self, logs: dict[str, Any], final: bool) -> None:
         """Validates ``monitor`` against what is logged, before any best decision.
@@ -469,7 +474,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         mgr = self._manager(root)
         # Until the monitor is known (a name that first appears at epoch end), rank nothing.
         mgr.monitor = self._monitor
-        mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if isinstance(r, KeepLast))
+        mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if not r.needs_monitor)
         return mgr
 
     def _decide(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str | None:

@@ -14,7 +14,7 @@ from keepbest.distributed import Coordinator
 from keepbest.errors import CheckpointNotFoundError, CorruptCheckpointError
 from keepbest.manager import CheckpointManager
 from keepbest.payload import TensorPayload
-from keepbest.policy import KeepBest, KeepLast, KeepRule, Monitor, resolve_mode
+from keepbest.policy import Monitor, Rule, resolve_mode, rules_from
 from keepbest.publishing import Publisher, PublishQueue
 from keepbest.torch import _host, _interop, _state
 from keepbest.writer import SaveHandle
@@ -59,8 +59,12 @@ class Checkpointer:
         monitor: the metric (a key of ``save``'s ``metrics``) that defines the best checkpoint.
         mode: ``"min"``, ``"max"`` or ``"auto"`` (a loss is minimised).
         keep_last: keep this many newest checkpoints (None: no limit from this rule).
-        keep_best: keep this many best ones by ``monitor``. With neither, nothing is deleted;
-            the newest and the best are always kept.
+        keep_best: keep this many best ones by ``monitor``. With no rule, nothing is deleted;
+            the newest, the best and an aliased checkpoint are always kept.
+        keep_every: also keep the checkpoints of every N-th epoch (``save(epoch=...)``).
+        keep_period: also keep the first checkpoint of each period of this many seconds.
+        max_bytes: a budget in bytes or ``"50GB"``: the oldest kept checkpoints are deleted until the rest fits.
+        keep: more rules (``keepbest.policy`` rules or your own), combined with the keywords'.
         async_save: ``save`` returns once the tensors are copied into reused host staging
             (pinned where CUDA is available); the write and the commit run in the background.
         publishers: W&B / MLflow publishers that mirror each commit (see :class:`keepbest.CheckpointManager`).
@@ -89,7 +93,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, monitor: str | None = None, mode: str = "min",
-                 keep_last: int | None = None, keep_best: int | None = None, async_save: bool = False,
+                 keep_last: int | None = None, keep_best: int | None = None, keep_every: int | None = None,
+                 keep_period: float | None = None, max_bytes: int | str | None = None, keep: Sequence[Rule] = (),
+                 async_save: bool = False,
                  publishers: Sequence[Publisher] | PublishQueue = (), dedup: bool = True, series: str = "ckpt",
                  storage_options: Mapping[str, Any] | None = None,
                  coordinator: Coordinator | str | None = "auto") -> None:
@@ -97,18 +103,17 @@ class Checkpointer:
             raise TypeError(f"async_save must be True or False. Received: async_save={async_save!r}")
         if monitor is not None and not (isinstance(monitor, str) and monitor):
             raise TypeError(f"monitor must be a metric name or None. Received: monitor={monitor!r}")
-        if keep_best is not None and monitor is None:
-            raise ValueError("Checkpointer keep_best needs monitor= to rank checkpoints, e.g. monitor='val_loss'. "
-                             f"Received: keep_best={keep_best!r}, monitor=None")
-        keep: list[KeepRule] = []
-        if keep_last is not None:
-            keep.append(KeepLast(keep_last))
-        if keep_best is not None:
-            keep.append(KeepBest(keep_best))
+        rules = rules_from(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
+                           keep_period=keep_period, max_bytes=max_bytes, keep=keep)
+        ranking = [r.describe() for r in rules if r.needs_monitor]
+        if ranking and monitor is None:
+            raise ValueError(f"Checkpointer {', '.join(r.split('=')[0] for r in ranking)} needs monitor= to rank "
+                             "checkpoints, e.g. "
+                             f"monitor='val_loss'. Received: {', '.join(ranking)}, monitor=None")
         watched = Monitor(monitor, resolve_mode(monitor, mode, owner="Checkpointer")) if monitor else None
         self.async_save = async_save
         self.storage_options = dict(storage_options) if storage_options else None
-        self.manager = CheckpointManager(directory, monitor=watched, keep=keep, series=series, publishers=publishers,
+        self.manager = CheckpointManager(directory, monitor=watched, keep=rules, series=series, publishers=publishers,
                                          dedup=dedup, storage_options=storage_options,
                                          coordinator=resolve_coordinator(coordinator))
         self._warned_monitor = False

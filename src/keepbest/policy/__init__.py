@@ -14,11 +14,34 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
 
 from keepbest.errors import MonitorError
+from keepbest.policy._retention import (
+    Candidate,
+    KeepRule,
+    Limit,
+    Plan,
+    Rule,
+    Trim,
+    best_candidate,
+    check_rules,
+    describe,
+    doomed,
+    is_finite_number,
+    plan,
+    retained,
+)
+from keepbest.policy._keywords import rules_from
+from keepbest.policy._rules import KeepBest, KeepEvery, KeepLast, KeepPeriod, MaxBytes
+from keepbest.policy._sizes import format_size, parse_size
+
+__all__ = [
+    "MODES", "Candidate", "KeepBest", "KeepEvery", "KeepLast", "KeepPeriod", "KeepRule", "Limit", "MaxBytes",
+    "Monitor", "Plan", "Rule", "Trim", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
+    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained",
+    "rules_from",
+]
 
 MODES = ("auto", "min", "max")
 
@@ -51,11 +74,6 @@ def resolve_mode(name: str, mode: str, direction: str | None = None, *, owner: s
         "minimized. Pass `mode='max'` in order to monitor based on the highest "
         "metric value, or pass `mode='min'` in order to use the lowest value."
     )
-
-
-def is_finite_number(value: object) -> bool:
-    """A real, finite number: Python or NumPy (``np.float32``), never a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -128,102 +146,3 @@ def batches_advanced(last_seen: int | None, batch: int) -> int:
 def epoch_is_due(epoch: int, every: int) -> bool:
     """Every ``every`` epochs, with 0-based ``epoch`` (epochs every, 2*every, ...)."""
     return (epoch + 1) % every == 0
-
-
-# --- retention ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeepLast:
-    """Keep the ``n`` newest checkpoints."""
-
-    n: int
-
-    def __post_init__(self) -> None:
-        _check_count("KeepLast", "n", self.n)
-
-
-@dataclass(frozen=True)
-class KeepBest:
-    """Keep the ``k`` best checkpoints by the monitored metric."""
-
-    k: int
-
-    def __post_init__(self) -> None:
-        _check_count("KeepBest", "k", self.k)
-
-
-KeepRule = Union[KeepLast, KeepBest]
-
-
-def _check_count(rule: str, arg: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{rule}({arg}=...) must be a positive integer: it counts checkpoints to keep. "
-                         f"Pass 1 or more. Received: {arg}={value!r}")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What retention needs to know of one committed checkpoint."""
-
-    key: str
-    order: float
-    value: float | None = None
-
-
-def best_candidate(candidates: Iterable[Candidate], mode: str) -> Candidate | None:
-    """The candidate with the best finite value; the newest wins a tie."""
-    scored = [c for c in candidates if is_finite_number(c.value)]
-    if not scored:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(scored, key=lambda c: (sign * float(c.value), -c.order))  # type: ignore[arg-type]
-
-
-def retained(candidates: Sequence[Candidate], rules: Sequence[KeepRule], mode: str | None) -> set[str]:
-    """The keys that the rules keep. Without rules everything is kept.
-
-    The union of the rules is kept (a checkpoint survives if any rule wants
-    it), and the newest and the best checkpoints are always kept, whatever
-    the rules say.
-    """
-    if not rules:
-        return {c.key for c in candidates}
-    by_age = sorted(candidates, key=lambda c: c.order)
-    keep: set[str] = set()
-    if by_age:
-        keep.add(by_age[-1].key)
-    best = best_candidate(by_age, mode) if mode else None
-    if best is not None:
-        keep.add(best.key)
-    for rule in rules:
-        if isinstance(rule, KeepLast):
-            keep.update(c.key for c in by_age[-rule.n :])
-        elif isinstance(rule, KeepBest):
-            if mode is None:
-                raise ValueError("KeepBest needs a monitor to rank checkpoints, and none was given. Pass a "
-                                 "Monitor (or a mode) along with the rule. Received: mode=None")
-            sign = 1.0 if mode == "min" else -1.0
-            scored = [c for c in by_age if is_finite_number(c.value)]
-            scored.sort(key=lambda c: (sign * float(c.value), -c.order))  # type: ignore[arg-type]
-            keep.update(c.key for c in scored[: rule.k])
-    return keep
-
-
-def doomed(candidates: Sequence[Candidate], rules: Sequence[KeepRule], mode: str | None,
-           protect: Iterable[str] = ()) -> list[str]:
-    """The keys retention deletes, oldest first: what no rule keeps and ``protect`` does not name.
-
-    ``protect`` is what stays whatever the rules say (a new checkpoint, an
-    aliased one, one an evaluator holds). Without rules nothing is deleted.
-    """
-    if not rules:
-        return []
-    kept = retained(candidates, rules, mode) | set(protect)
-    return [c.key for c in sorted(candidates, key=lambda c: c.order) if c.key not in kept]
-
-
-def describe(rules: Sequence[KeepRule]) -> str:
-    """``keep_last=2, keep_best=1``: the rules in the words of the Keras callback."""
-    words = {KeepLast: "keep_last", KeepBest: "keep_best"}
-    return ", ".join(f"{words[type(r)]}={r.n if isinstance(r, KeepLast) else r.k}" for r in rules)
