@@ -1,4 +1,4 @@
-"""An append-only history of each series: what was committed and deleted, and why.
+"""An append-only history of each series: what was committed and deleted, and why; what publishers uploaded.
 
 Retention deletes manifests, so what it threw away is recorded here, for a
 report to show later. Events are appended with compare-and-swap to records
@@ -32,11 +32,17 @@ CHUNK = 500
 
 
 def committed(m: Manifest) -> dict[str, Any]:
-    return {"event": "committed", **_describe(m), "size": sum(f.size for f in m.files)}
+    return {"event": "committed", **_describe(m), "size": sum(f.size for f in m.files), "reused": m.reused_bytes,
+            "stall": m.stall, "persist": m.persist}
 
 
 def deleted(m: Manifest, reason: str) -> dict[str, Any]:
     return {"event": "deleted", **_describe(m), "reason": reason}
+
+
+def published(m: Manifest, publisher: str, uploaded: bool) -> dict[str, Any]:
+    """A publisher's upload of ``m`` succeeded (``uploaded``) or failed after its retries."""
+    return {"event": "published", **_describe(m), "publisher": publisher, "uploaded": uploaded}
 
 
 def _describe(m: Manifest) -> dict[str, Any]:

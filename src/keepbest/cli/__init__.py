@@ -9,9 +9,9 @@ import argparse
 from typing import Sequence
 
 from keepbest._version import __version__
-from keepbest.cli import _listing, _maintenance, _sidecar
+from keepbest.cli import _listing, _maintenance, _report, _sidecar
 
-COMMANDS = (_listing, _maintenance, _sidecar)
+COMMANDS = (_listing, _maintenance, _report, _sidecar)
 
 
 def build_parser() -> argparse.ArgumentParser:
