@@ -30,7 +30,7 @@ svg{display:block;background:#fff}.frame{fill:#fbfcfd;stroke:#c5ccd5}.tick{font-
 .best-marker{fill:#e8a400;stroke:#7a5600}.damaged-marker{fill:none;stroke:#b3261e;stroke-width:2}
 .alias-marker circle{fill:none;stroke:#7b3fb5;stroke-width:2}.alias-marker text{font-size:10px;fill:#7b3fb5}
 .train{stroke:#2f6db5}.eval{stroke:#c2410c;stroke-dasharray:5 3}.dot{stroke:none}.train.dot{fill:#2f6db5}
-.eval.dot{fill:#c2410c}.stall{stroke:#b3261e}.persist{stroke:#2f7d4f}
+.eval.dot{fill:#c2410c}.stall{stroke:#b3261e}.persist{stroke:#2f7d4f}.stall.dot{fill:#b3261e}.persist.dot{fill:#2f7d4f}
 .written-bars{stroke:#2f6db5}.reused-bars{stroke:#a9c4e6}
 .legend span{display:inline-block;margin-right:14px;font-size:12px}.sw{display:inline-block;width:10px;height:10px;
 margin-right:4px;border-radius:5px;vertical-align:-1px}
