@@ -33,7 +33,11 @@ CHUNK = 500
 
 def committed(m: Manifest) -> dict[str, Any]:
     return {"event": "committed", **_describe(m), "size": sum(f.size for f in m.files), "reused": m.reused_bytes,
-            "stall": m.stall, "persist": m.persist}
+            "stall": m.stall, "persist": m.persist, "metrics": {k: _json_float(v) for k, v in m.metrics.items()}}
+
+
+def _json_float(value: float) -> float | str:
+    return value if value == value and abs(value) != float("inf") else str(value)
 
 
 def deleted(m: Manifest, reason: str) -> dict[str, Any]:
@@ -50,8 +54,7 @@ def _describe(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "step": m.step, "epoch": m.epoch, "batch": m.batch,
             "created": m.created, "time": time.time(),
             "monitor": None if m.monitor is None else {"name": m.monitor.name, "mode": m.monitor.mode,
-                                                       "value": value if value is None or value == value
-                                                       and abs(value) != float("inf") else str(value)}}
+                                                       "value": None if value is None else _json_float(value)}}
 
 
 def append(store: Store, series: str, events: Sequence[dict[str, Any]]) -> None:

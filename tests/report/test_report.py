@@ -160,3 +160,9 @@ def test_the_command_reports_a_run_in_a_bucket(s3, tmp_path):
     done = keepbest("report", url, "-o", str(tmp_path / "r.html"))
     assert done.returncode == 0, done.stderr
     assert re.search(r'id="deleted-v0"[^>]*><title>[^<]*retention: keep_last=2', (tmp_path / "r.html").read_text())
+
+
+def test_deleted_saves_keep_the_training_metrics_they_were_saved_with(tmp_path):
+    _run(tmp_path)
+    first = gather(tmp_path).series[0].saves[0]
+    assert first.state == "deleted" and first.metrics == {"loss": 4.0, "val_loss": 3.0}

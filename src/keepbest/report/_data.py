@@ -80,9 +80,11 @@ class SeriesReport:
 
     @property
     def axis(self) -> str:
-        """What the x axis counts: ``epoch`` when every save has one, else ``step``, else ``save``."""
+        """What the x axis counts: ``epoch`` when every save has one and they never go back (a run restarted
+        from scratch counts again from 1), else ``step`` on the same terms, else ``save`` (the commit order)."""
         for key in ("epoch", "step"):
-            if self.saves and all(getattr(s, key) is not None for s in self.saves):
+            values = [getattr(s, key) for s in self.saves]
+            if values and None not in values and all(a <= b for a, b in zip(values, values[1:])):
                 return key
         return "save"
 
@@ -139,8 +141,8 @@ def _from_event(e: Mapping[str, Any], evaluations: Mapping[str, Mapping[str, Any
                 created=created, step=e.get("step") if isinstance(e.get("step"), int) else None,
                 epoch=e.get("epoch") if isinstance(e.get("epoch"), int) else None,
                 value=_number(monitor.get("value")) if monitor else None,
-                metrics={monitor["name"]: v} if monitor and (v := _number(monitor.get("value"))) is not None
-                and isinstance(monitor.get("name"), str) else {},
+                metrics=_metrics(e.get("metrics")) or ({monitor["name"]: v} if monitor and isinstance(
+                    monitor.get("name"), str) and (v := _number(monitor.get("value"))) is not None else {}),
                 evaluations={who: _metrics(r.get("metrics")) for who, r in evaluations.get(cid, {}).items()},
                 size=e.get("size") if isinstance(e.get("size"), int) else None,
                 reused=e.get("reused") if isinstance(e.get("reused"), int) else None,
