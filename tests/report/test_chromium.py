@@ -17,7 +17,6 @@ EPOCHS = 6
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    need_chromium()
     import keras
 
     import keepbest.keras
@@ -40,6 +39,7 @@ def report(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(report):
+    need_chromium()
     return load(report, report.parent)
 
 

@@ -166,3 +166,20 @@ def test_deleted_saves_keep_the_training_metrics_they_were_saved_with(tmp_path):
     _run(tmp_path)
     first = gather(tmp_path).series[0].saves[0]
     assert first.state == "deleted" and first.metrics == {"loss": 4.0, "val_loss": 3.0}
+
+
+def test_a_damaged_checkpoint_is_marked_and_the_command_exits_1(tmp_path):
+    _run(tmp_path / "run")
+    (tmp_path / "run" / "ckpt-000000040" / "state.safetensors").unlink()  # v3: its data is gone
+    done = keepbest("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"))
+    assert done.returncode == 1, done.stderr
+    assert 'id="damaged-v3"' in (tmp_path / "r.html").read_text()
+
+
+def test_verify_rehashes_each_kept_checkpoint_and_names_a_corrupt_one(tmp_path):
+    from tests.helpers import flip_byte
+
+    _run(tmp_path)
+    flip_byte(tmp_path / "ckpt-000000050" / "state.safetensors", -1)
+    kept = [s for s in gather(tmp_path, verify=True).series[0].saves if s.state == "kept"]
+    assert [s.integrity.split(":")[0] for s in kept] == ["verified", "verified", "corrupt"]
