@@ -183,3 +183,11 @@ def test_verify_rehashes_each_kept_checkpoint_and_names_a_corrupt_one(tmp_path):
     flip_byte(tmp_path / "ckpt-000000050" / "state.safetensors", -1)
     kept = [s for s in gather(tmp_path, verify=True).series[0].saves if s.state == "kept"]
     assert [s.integrity.split(":")[0] for s in kept] == ["verified", "verified", "corrupt"]
+
+
+def test_the_command_json_has_no_bare_nan(tmp_path):
+    mgr = CheckpointManager(tmp_path / "run", monitor=Monitor("loss", "min"))
+    mgr.save(1, {"w": np.zeros(2)}, metrics={"loss": float("nan")}, epoch=1)
+    done = keepbest("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"), "--json")
+    doc = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    assert doc["series"][0]["saves"][0]["value"] == "nan"

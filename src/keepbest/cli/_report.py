@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
+from typing import Any
 
 from keepbest.cli._common import PROBLEM, USAGE, find_or_report
 from keepbest.errors import StorageError
@@ -30,10 +32,21 @@ def _report(args: argparse.Namespace) -> int:
                                    for r in data.series for s in r.saves)
     if args.json:
         doc = {"output": where, **dataclasses.asdict(data)}
-        print(json.dumps(doc, indent=1, default=str))
+        print(json.dumps(_finite(doc), indent=1, default=str))
     else:
         print(f"Wrote {where} ({len(data.series)} series, {saves} save(s))")
     return PROBLEM if problems else 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as text ("nan", "inf"), which JSON has no numbers for."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
