@@ -10,7 +10,8 @@ metrics beside it, and exports the best by test loss. The job is then
 restarted from scratch on the same folder (a fresh model): keepbest resumes
 from the recorded best, so the restart's worse epochs never replace it, and a
 restarted sidecar evaluates only the new checkpoints. The demo prints what is
-on disk (training and test metrics side by side) and reloads the best model.
+on disk (training and test metrics side by side), reloads the best model and
+writes the run's report (``keepbest report``): one offline HTML page with its plots.
 
     python3 scripts/dev.py demo            # from the repository root
     python examples/demo.py [--epochs N] [--dir PATH] [--resume]
@@ -33,6 +34,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import keepbest.keras  # noqa: E402
 from keepbest.listing import table  # noqa: E402
+from keepbest.report import write_report  # noqa: E402
 from keepbest.discovery import list_checkpoints  # noqa: E402
 
 
@@ -138,6 +140,10 @@ def main() -> None:
     _loss, val_acc = restored.evaluate(x[split:], y[split:], verbose=0)
     print(f"\nReloaded the best checkpoint {best.name} (epoch {best.epoch}): "
           f"validation accuracy {val_acc:.4f} (recorded at save time: {best.metrics['val_accuracy']:.4f})")
+
+    page = os.path.abspath(args.dir).rstrip(os.sep) + "-report.html"
+    written, _data = write_report(args.dir, page)  # what `keepbest report DIR -o PAGE` does
+    print(f"\nThe run at a glance (`keepbest report {args.dir} -o {page}`), one offline HTML page: {written}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,7 +56,33 @@ def torch_source() -> list[str]:
     return ["--index-url", TORCH_CPU_INDEX, "--extra-index-url", "https://pypi.org/simple", f"torch=={TORCH}"]
 
 
+def browser() -> None:
+    """Installs Debian's ``chromium`` (the report tests render pages in it) where apt exists and it is missing.
+
+    Not fatal: without it the browser tests skip, saying why; this prints why it could not be installed.
+    """
+    if shutil.which("chromium") or not shutil.which("apt-get"):
+        if not shutil.which("chromium"):
+            print("chromium is not installed and there is no apt-get here: the report's browser tests will skip. "
+                  "Install a chromium package to run them.", flush=True)
+        return
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        print("chromium is not installed and installing it needs root (no sudo here): the report's browser tests "
+              "will skip. Run: apt-get install chromium", flush=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in ([*sudo, "apt-get", "update", "-q"], [*sudo, "apt-get", "install", "-y", "-q", "chromium"]):
+        print("+", " ".join(cmd), flush=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"could not install chromium ({' '.join(cmd)} exited {done.returncode}: "
+                  f"{done.stderr.strip()[-500:]}): the report's browser tests will skip.", flush=True)
+            return
+
+
 def setup() -> None:
+    browser()
     want = hashlib.sha256(LOCK.read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.is_file() and STAMP.read_text() == want:
         return

@@ -1,4 +1,4 @@
-"""An append-only history of each series: what was committed and deleted, and why.
+"""An append-only history of each series: what was committed and deleted, and why; what publishers uploaded.
 
 Retention deletes manifests, so what it threw away is recorded here, for a
 report to show later. Events are appended with compare-and-swap to records
@@ -32,11 +32,21 @@ CHUNK = 500
 
 
 def committed(m: Manifest) -> dict[str, Any]:
-    return {"event": "committed", **_describe(m), "size": sum(f.size for f in m.files)}
+    return {"event": "committed", **_describe(m), "size": sum(f.size for f in m.files), "reused": m.reused_bytes,
+            "stall": m.stall, "persist": m.persist, "metrics": {k: _json_float(v) for k, v in m.metrics.items()}}
+
+
+def _json_float(value: float) -> float | str:
+    return value if value == value and abs(value) != float("inf") else str(value)
 
 
 def deleted(m: Manifest, reason: str) -> dict[str, Any]:
     return {"event": "deleted", **_describe(m), "reason": reason}
+
+
+def published(m: Manifest, publisher: str, uploaded: bool) -> dict[str, Any]:
+    """A publisher's upload of ``m`` succeeded (``uploaded``) or failed after its retries."""
+    return {"event": "published", **_describe(m), "publisher": publisher, "uploaded": uploaded}
 
 
 def _describe(m: Manifest) -> dict[str, Any]:
@@ -44,8 +54,7 @@ def _describe(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "step": m.step, "epoch": m.epoch, "batch": m.batch,
             "created": m.created, "time": time.time(),
             "monitor": None if m.monitor is None else {"name": m.monitor.name, "mode": m.monitor.mode,
-                                                       "value": value if value is None or value == value
-                                                       and abs(value) != float("inf") else str(value)}}
+                                                       "value": None if value is None else _json_float(value)}}
 
 
 def append(store: Store, series: str, events: Sequence[dict[str, Any]]) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from keepbest import codec, evaluation, history, multiprocess, store as stores
+from keepbest._save_stats import CountingStaged
 from keepbest._version import __version__
 from keepbest.checkpoint import Checkpoint, best_by, bests, in_commit_order
 from keepbest.discovery import first_verified
@@ -305,7 +306,7 @@ class CheckpointManager:
              metrics: Mapping[str, float] | None = None, epoch: int | None = None,
              batch: int | None = None, name: str | None = None,
              extra: Mapping[str, Any] | None = None,
-             versions: Mapping[str, str] | None = None) -> Checkpoint:
+             versions: Mapping[str, str] | None = None, started: float | None = None) -> Checkpoint:
         """Commits one checkpoint atomically, then applies retention; returns it.
 
         ``state`` is a flat mapping of arrays (stored as ``state.safetensors``)
@@ -313,15 +314,22 @@ class CheckpointManager:
         checkpoint with the same ``name`` is replaced only once the new one is
         complete. This is :meth:`save_async` waited for, without the snapshot
         copy (the caller is blocked, so its arrays cannot change meanwhile).
+
+        The manifest records the save's cost: ``stall`` (seconds until the
+        writing went to the writer thread, counted from ``started``, a
+        ``time.perf_counter()`` reading, when the caller copied its snapshot
+        before calling), ``persist`` (from the start of writing to the commit)
+        and ``reused_bytes`` (files reused from the previous checkpoint).
         """
         return self._submit(step, state, snapshot=False, metrics=metrics, epoch=epoch, batch=batch,
-                            name=name, extra=extra, versions=versions).result()
+                            name=name, extra=extra, versions=versions, started=started).result()
 
     def save_async(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *,
                    metrics: Mapping[str, float] | None = None, epoch: int | None = None,
                    batch: int | None = None, name: str | None = None,
                    extra: Mapping[str, Any] | None = None,
-                   versions: Mapping[str, str] | None = None) -> SaveHandle[Checkpoint]:
+                   versions: Mapping[str, str] | None = None,
+                   started: float | None = None) -> SaveHandle[Checkpoint]:
         """Like :meth:`save`, but returns once the state is copied; the commit runs in the background.
 
         A mapping of arrays is copied into reusable host buffers before this
@@ -331,7 +339,7 @@ class CheckpointManager:
         ``handle.result()`` returns the committed :class:`Checkpoint`.
         """
         return self._submit(step, state, snapshot=True, metrics=metrics, epoch=epoch, batch=batch,
-                            name=name, extra=extra, versions=versions)
+                            name=name, extra=extra, versions=versions, started=started)
 
     def wait(self) -> None:
         """Blocks until no save is in flight (and every upload was tried); raises an unreported failure."""
@@ -357,7 +365,8 @@ class CheckpointManager:
     def _submit(self, step: int | None, state: Mapping[str, np.ndarray] | Payload, *, snapshot: bool,
                 metrics: Mapping[str, float] | None, epoch: int | None, batch: int | None,
                 name: str | None, extra: Mapping[str, Any] | None,
-                versions: Mapping[str, str] | None) -> SaveHandle[Checkpoint]:
+                versions: Mapping[str, str] | None, started: float | None = None) -> SaveHandle[Checkpoint]:
+        entered = time.perf_counter() if started is None else started  # the caller's stall starts here
         if name is None and step is None:
             raise ValueError("CheckpointManager.save needs a step or a name to name the checkpoint. "
                              "Received: step=None, name=None")
@@ -381,22 +390,28 @@ class CheckpointManager:
         payload = state
         monitor, keep = self.monitor, self.keep  # the rules as they are now, whatever the caller changes next
         if self.channel is not None:
-            return self.writer.submit(self.store.where(name), self._together(manifest, payload, snapshot,
+            stalled = replace(manifest, stall=time.perf_counter() - entered)
+            return self.writer.submit(self.store.where(name), self._together(stalled, payload, snapshot,
                                                                               monitor, keep))
-        written: tuple[Staged, tuple[FileEntry, ...]] | None = None
+        written: tuple[Staged, tuple[FileEntry, ...], int] | None = None
+        began = time.perf_counter()
         if not payload.detached:  # it reads live state: write now, commit in the background
             written = self._write(name, self._deduplicated(payload, self._mine()))
+        stall = time.perf_counter() - entered
 
         def persist() -> Checkpoint:
             # The listing, the version number and the write run here, off the training thread.
+            start = began if written is not None else time.perf_counter()
             before = self._mine()
-            staged, entries = written or self._write(name, self._deduplicated(payload, before))
+            staged, entries, reused = written or self._write(name, self._deduplicated(payload, before))
             try:
                 version = self.index.reserve(before)
             except BaseException:
                 self.store.discard(staged)
                 raise
-            committed = self.store.commit(staged, replace(manifest, version=version).with_files(entries))
+            stamped = replace(manifest, version=version, stall=stall, persist=time.perf_counter() - start,
+                              reused_bytes=reused)
+            committed = self.store.commit(staged, stamped.with_files(entries))
             return self._after_commit(committed, before, monitor, keep)
 
         return self.writer.submit(self.store.where(name), persist)
@@ -439,7 +454,9 @@ class CheckpointManager:
             snap = self.store.snapshot(committed)
             published = Version(version, self.series, committed, snap, tuple(record.of(version)))
             self.publisher.put(events_for(self.series, published, record.all, [*gone, *replaced],
-                                          release=lambda: self.store.release(snap)))
+                                          release=lambda: self.store.release(snap),
+                                          outcome=lambda who, ok: history.append(
+                                              self.store, self.series, [history.published(committed, who, ok)])))
         return next((c for c in self._as_checkpoints(kept, monitor, record) if c.name == name),
                     self._checkpoint(committed))
 
@@ -504,10 +521,12 @@ class CheckpointManager:
         if self.committer:
             evaluation.clear_training_end(self.store, self.series)
 
-    def _write(self, name: str, payload: Payload) -> tuple[Staged, tuple[FileEntry, ...]]:
+    def _write(self, name: str, payload: Payload) -> tuple[Staged, tuple[FileEntry, ...], int]:
+        """Stages and writes ``payload``; returns what to commit, its files and the bytes reused (dedup)."""
         staged = self.store.stage(name, payload.layout)
         try:
-            return staged, payload.write(staged)
+            counting = CountingStaged(staged)
+            return staged, payload.write(counting), counting.reused_bytes
         except BaseException:
             self.store.discard(staged)
             raise

@@ -82,6 +82,15 @@ class Manifest:
     """Where a folder checkpoint's files are inside its folder ("" : in the folder itself). An object
     store writes a re-saved folder checkpoint's files under a fresh sub-folder instead of over the
     committed ones, so the previous checkpoint stays whole until the new manifest replaces it."""
+    stall: float | None = None
+    """Seconds the caller's thread spent in the save before its writing went to the background (waiting for
+    the previous save, copying the snapshot; with a live payload, writing it too); None where not recorded
+    (older manifests). A synchronous save blocks the caller for ``stall + persist``."""
+    persist: float | None = None
+    """Seconds from the start of writing the files to the commit (the manifest write itself excluded)."""
+    reused_bytes: int | None = None
+    """Bytes of ``files`` reused from the previous checkpoint instead of written (dedup); bytes written are
+    ``size - reused_bytes``. None where not recorded."""
 
     @property
     def monitor_value(self) -> float | None:
@@ -117,6 +126,10 @@ class Manifest:
             doc["version"] = self.version
         if self.files_under:
             doc["files_under"] = self.files_under
+        # Absent when not recorded, so older keepbest (which ignores unknown fields) reads these manifests.
+        for key, value in (("stall_s", self.stall), ("persist_s", self.persist), ("reused_bytes", self.reused_bytes)):
+            if value is not None:
+                doc[key] = value
         return json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @classmethod
@@ -209,7 +222,24 @@ class _Decoder:
             extra=self.get(doc, "extra", (dict,)),
             version=self.version(doc),
             files_under=self.files_under(doc),
+            stall=self.seconds(doc, "stall_s"),
+            persist=self.seconds(doc, "persist_s"),
+            reused_bytes=self.count(doc, "reused_bytes"),
         )
+
+    def seconds(self, doc: Mapping[str, Any], key: str) -> float | None:
+        if self.get(doc, key, (int, float), optional=True) is None:
+            return None
+        value = self.number(doc, key)
+        if not value >= 0 or value == math.inf:
+            raise self.fail(f"'{key}' must be a finite number of seconds >= 0", doc[key])
+        return value
+
+    def count(self, doc: Mapping[str, Any], key: str) -> int | None:
+        value = self.get(doc, key, (int,), optional=True)
+        if value is not None and value < 0:
+            raise self.fail(f"'{key}' must be a number >= 0", value)
+        return value
 
     def files_under(self, doc: Mapping[str, Any]) -> str:
         value = self.get(doc, "files_under", (str,), optional=True)

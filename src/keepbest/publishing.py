@@ -95,6 +95,7 @@ class _Event:
     number: int = -1
     name: str = ""
     release: Callable[[], None] | None = None
+    outcome: Callable[[str, bool], None] | None = None  # (publisher, uploaded): where the status is recorded
 
 
 class PublishQueue:
@@ -189,11 +190,14 @@ class PublishQueue:
             if e.kind == "committed":
                 assert e.version is not None
                 version = e.version
-                if self._try(p, f"upload of {e.series} v{version.number} ({version.name})",
-                             lambda: p.committed(version)):
+                uploaded = self._try(p, f"upload of {e.series} v{version.number} ({version.name})",
+                                     lambda: p.committed(version))
+                if uploaded:
                     self._upload_failed.discard(i)
                 else:
                     self._upload_failed.add(i)
+                if e.outcome is not None:
+                    e.outcome(type(p).__name__, uploaded)
             elif e.kind == "aliases":
                 aliases = dict(e.aliases or {})
                 self._try(p, f"alias update of {e.series}", lambda: p.aliases_moved(e.series, aliases))
@@ -227,12 +231,15 @@ class PublishQueue:
 
 
 def events_for(series: str, version: Version | None, aliases: Mapping[str, int],
-               deleted: Sequence[Manifest], release: Callable[[], None] | None = None) -> list[_Event]:
+               deleted: Sequence[Manifest], release: Callable[[], None] | None = None,
+               outcome: Callable[[str, bool], None] | None = None) -> list[_Event]:
     """What one commit tells publishers: committed, aliases, then deletions.
 
-    ``release`` frees the snapshot ``version.path`` once it was published.
+    ``release`` frees the snapshot ``version.path`` once it was published; ``outcome(publisher, uploaded)``
+    is told, for each publisher, whether its upload succeeded (the manager records it in the history).
     """
-    out = [] if version is None else [_Event("committed", series, version=version, release=release)]
+    out = [] if version is None else [_Event("committed", series, version=version, release=release,
+                                             outcome=outcome)]
     out.append(_Event("aliases", series, aliases=dict(aliases)))
     out += [_Event("deleted", series, number=m.version, name=m.name) for m in deleted if m.version is not None]
     return out

@@ -6,6 +6,7 @@ import difflib
 import numbers
 import os
 import string
+import time
 import warnings
 import weakref
 from typing import Any, Mapping, Sequence
@@ -452,6 +453,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if _formats.is_keras_file(self.format) and stores.open(target, self.storage_options).exists():
             raise IOError("Please specify a non-directory filepath for ModelCheckpoint. Filepath used "
                           f"is an existing directory: {filepath}")
+        started = time.perf_counter()  # the training thread's stall starts here (recorded in the manifest)
         if self.async_save:
             self._writer.wait()  # back-pressure first: the snapshot reuses the previous save's buffers
         staging = self._writer.staging if self.async_save else None
@@ -462,7 +464,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._step(), _formats.payload_for(self.model, self.format, staging, skip), name=name,
             metrics={k: float(v) for k, v in logs.items() if np.ndim(v) == 0 and _is_number(v)},
             epoch=epoch + 1, batch=None if batch is None else batch + 1,
-            versions=_formats.keras_versions(), extra=self._extra(),
+            versions=_formats.keras_versions(), extra=self._extra(), started=started,
         )
         if isinstance(outcome, SaveHandle):
             self._poll()  # the previous save finished before this one was accepted: report it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import time
 from concurrent.futures import Future
 from typing import Any, Mapping
 
@@ -157,6 +158,7 @@ class CheckpointIO(BaseCheckpointIO):
             extra=pending.get("extra"), epoch=epoch if isinstance(epoch, int) else None,
             versions={"torch": torch.__version__, "lightning": str(checkpoint.get("pytorch-lightning_version", ""))})
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
+        kwargs["started"] = time.perf_counter()  # the training thread's stall starts here (recorded in the manifest)
         if self.async_save:
             self.writer.wait()  # back-pressure: the snapshot reuses the previous save's buffers
             copier = _host.Copier()

@@ -22,10 +22,11 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from pathlib import Path
 from typing import Any, Mapping
 
 from keepbest.errors import StorageError
-from keepbest.store import _names
+from keepbest.store import _fs, _names
 from keepbest.store._names import liveness, owner_token
 from keepbest.store.base import (
     ANY, Damaged, Listing, Orphans, Reader, Record, RecordConflictError, Recovery, Staged, Store, Watch,
@@ -33,7 +34,8 @@ from keepbest.store.base import (
 from keepbest.store.local import LocalStore
 
 __all__ = ["ANY", "Damaged", "Listing", "LocalStore", "Orphans", "Reader", "Record", "RecordConflictError",
-           "Recovery", "Staged", "Store", "Watch", "absolute", "is_url", "liveness", "locate", "open", "owner_token"]
+           "Recovery", "Staged", "Store", "Watch", "absolute", "is_url", "liveness", "locate", "open", "owner_token",
+           "write_file"]
 
 INDEX = _names.INDEX
 MANIFEST = _names.MANIFEST
@@ -107,3 +109,18 @@ def locate(location: "str | os.PathLike[str] | Store",
 def absolute(location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> str:
     """``location`` as it will still mean after an ``os.chdir``: an absolute path, or the URL."""
     return open(location, storage_options).url
+
+
+def write_file(path: str | os.PathLike[str], data: bytes) -> str:
+    """Writes ``data`` to the local file ``path`` atomically (a report, an export); returns its absolute path.
+
+    Raises :class:`~keepbest.errors.StorageError` for a URL (write locally, then copy it) and
+    FileNotFoundError when the folder does not exist.
+    """
+    text = os.fsdecode(os.fspath(path))
+    if is_url(text) or not text:
+        raise StorageError(f"Cannot write {text or 'an empty path'}: only a local file path is supported here. "
+                           f"Write it locally, then copy it. Received: {text!r}")
+    target = os.path.abspath(os.path.expanduser(text))
+    _fs.write_durably(Path(target), data)
+    return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future
 from typing import Any, Mapping, Sequence
 
@@ -158,6 +159,7 @@ class Checkpointer:
         captured = _state.capture(app_state)
         rng_doc = _state.rng_state()
         mgr = self.manager
+        started = time.perf_counter()  # the training thread's stall starts here (recorded in the manifest)
         if self.async_save:
             mgr.writer.wait()  # back-pressure first: the snapshot reuses the previous save's buffers
             skip = mgr.owned_elsewhere()
@@ -175,9 +177,9 @@ class Checkpointer:
                                 detached=self.async_save, groups=captured.groups, known=known or None)
         versions = {"torch": torch.__version__}
         if self.async_save:
-            return mgr.save_async(step, payload, metrics=metrics, epoch=epoch, versions=versions)
+            return mgr.save_async(step, payload, metrics=metrics, epoch=epoch, versions=versions, started=started)
         done: Future[Checkpoint] = Future()
-        done.set_result(mgr.save(step, payload, metrics=metrics, epoch=epoch, versions=versions))
+        done.set_result(mgr.save(step, payload, metrics=metrics, epoch=epoch, versions=versions, started=started))
         return SaveHandle(mgr.store.where(), done)
 
     # -- interop --------------------------------------------------------------------------------------
