@@ -158,6 +158,8 @@ def level(name: str) -> int:
 # Sibling entry points that may import each other, and why.
 ALLOWED_IMPORTS = {
     ("keepbest.cli._sidecar", "keepbest.keras"): "`keepbest sidecar` runs a Keras evaluator (imported when it runs)",
+    ("keepbest.cli._inspect", "keepbest.keras._export"): "`keepbest export --to x.keras` needs Keras (imported when "
+                                                         "it runs)",
     ("keepbest.lightning._io", "keepbest.torch._host"): "Lightning's state is torch state: the same host copies",
     ("keepbest.lightning._io", "keepbest.torch._state"): "... and the same safetensors + JSON layout",
 }
