@@ -69,7 +69,8 @@ def checkpoint_at(spec: str | os.PathLike[str], series: str | None = None,
     nothing matches, and :class:`CorruptCheckpointError` when the checkpoint
     named cannot be used (its manifest is unreadable or its data is missing).
     """
-    location, ref = split_ref(os.fspath(spec))
+    spec = os.fspath(spec)
+    location, ref = split_ref(spec)
     found = find(location, storage_options)
     if found.name is not None:
         if ref is not None:
