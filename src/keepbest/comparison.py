@@ -63,10 +63,13 @@ class Comparison:
     tensors: list[TensorChange] = field(default_factory=list)
     files_read: list[str] = field(default_factory=list)
     """``a:path`` / ``b:path`` of the files whose data was read (the others' digests were equal)."""
+    other_files: dict[str, str] = field(default_factory=dict)
+    """The files other than safetensors (a model config, training state) that differ, by their digests: path ->
+    ``changed``, ``added`` or ``removed``."""
 
     @property
     def identical(self) -> bool:
-        return all(c.status == "unchanged" for c in self.tensors)
+        return all(c.status == "unchanged" for c in self.tensors) and not self.other_files
 
     def summary(self) -> str:
         """``"1 of 14 tensors changed, 0.4% of bytes"`` (and the added and removed ones)."""
@@ -76,7 +79,8 @@ class Comparison:
         parts = [f"{counts['changed']} of {len(self.tensors)} tensors changed"]
         parts += [f"{n} {s}" for s, n in counts.items() if n and s != "changed"]
         share = 100.0 * moved / total if total else 0.0
-        return ", ".join(parts) + f", {share:.1f}% of bytes"
+        others = f"; {len(self.other_files)} other file(s) differ" if self.other_files else ""
+        return ", ".join(parts) + f", {share:.1f}% of bytes" + others
 
 
 def compare(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] | None = None) -> Comparison:
@@ -84,6 +88,11 @@ def compare(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] | None
 
     ``progress(n)`` is called with the bytes of each tensor compared.
     """
+    for ckpt in (a, b):
+        if not tensor_files(ckpt):
+            raise ValueError(f"Cannot compare {ckpt.location} tensor by tensor: it holds no safetensors files (format "
+                             f"'{ckpt.manifest.format}'; Keras's .keras and .h5 keep tensors in HDF5). Compare "
+                             f"checkpoints saved as keepbest folders. Received: files={[f.path for f in ckpt.manifest.files]}")
     ra, rb = a.reader(), b.reader()
     fa, fb = {f.path: f for f in tensor_files(a)}, {f.path: f for f in tensor_files(b)}
     same = {p for p in fa if p in fb and (fa[p].digest, fa[p].algorithm) == (fb[p].digest, fb[p].algorithm)}
@@ -92,7 +101,7 @@ def compare(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] | None
     for t in ta.values():  # the tensors of identical files: named by the first checkpoint's header
         if t.file in same:
             tb[t.name] = t
-    out = Comparison()
+    out = Comparison(other_files=_other_files(a, b))
     buffers: dict[str, Any] = {}
 
     def data(side: str, reader: Reader, entry: FileEntry) -> Any:
@@ -118,6 +127,13 @@ def compare(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] | None
         if progress is not None:
             progress(x.nbytes)
     return out
+
+
+def _other_files(a: Checkpoint, b: Checkpoint) -> dict[str, str]:
+    oa = {f.path: (f.digest, f.algorithm) for f in a.manifest.files if not f.path.endswith(".safetensors")}
+    ob = {f.path: (f.digest, f.algorithm) for f in b.manifest.files if not f.path.endswith(".safetensors")}
+    return {p: "added" if p not in oa else "removed" if p not in ob else "changed"
+            for p in sorted(set(oa) | set(ob)) if oa.get(p) != ob.get(p)}
 
 
 def _verified(reader: Reader, entry: FileEntry) -> Any:

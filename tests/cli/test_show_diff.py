@@ -186,3 +186,21 @@ def test_show_of_a_missing_checkpoint_path_names_what_its_folder_holds(ninety_pe
     result = keepbest("show", str(ninety_percent / "ckpt-000000009"))
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Available in" in result.stderr and "ckpt-000000002" in result.stderr
+
+
+def test_diff_reports_other_files_that_differ_and_exits_1_for_them_alone(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, TensorPayload({"state.safetensors": {"w": np.zeros(3, np.float32)}}, json_files={"t.json": {"n": 1}}))
+    mgr.save(2, TensorPayload({"state.safetensors": {"w": np.zeros(3, np.float32)}}, json_files={"t.json": {"n": 2}}))
+    result = keepbest("diff", f"{tmp_path}@v0", f"{tmp_path}@v1")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-2:] == ["file t.json: changed",
+                                               "0 of 1 tensors changed, 0.0% of bytes; 1 other file(s) differ"]
+
+
+def test_show_of_a_checkpoint_with_a_missing_shard_exits_1_naming_it(ninety_percent):
+    victim = ninety_percent / "ckpt-000000002" / "state-00003.safetensors"
+    victim.unlink()
+    result = keepbest("show", str(ninety_percent / "ckpt-000000002"))
+    assert result.returncode == 1
+    assert f"file {victim} is missing" in result.stderr

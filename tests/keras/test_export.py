@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from keepbest.comparison import compare
 from keepbest.errors import CorruptCheckpointError
 from keepbest.inspection import checkpoint_at
 from keepbest.keras import ModelCheckpoint
@@ -93,3 +94,11 @@ def test_show_of_a_keras_file_lists_its_file_and_says_it_has_no_tensor_table(dig
     result = keepbest("show", str(tmp_path / "m-1.keras"))
     assert result.returncode == 0, result.stderr
     assert "m-1.keras" in result.stdout and "none listed: a 'keras' checkpoint has no safetensors files" in result.stdout
+
+
+def test_diff_of_keras_files_is_refused_for_want_of_safetensors(digits, tmp_path):
+    x, y = digits
+    make_model().fit(x[:100], y[:100], epochs=2, verbose=0,
+                     callbacks=[ModelCheckpoint(str(tmp_path / "m-{epoch}.keras"))])
+    with pytest.raises(ValueError, match="holds no safetensors files .format 'keras'"):
+        compare(checkpoint_at(str(tmp_path / "m-1.keras")), checkpoint_at(str(tmp_path / "m-2.keras")))

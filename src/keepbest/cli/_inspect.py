@@ -109,6 +109,7 @@ def _diff_json(result: Comparison) -> dict[str, Any]:
         return v if v is None or math.isfinite(v) else str(v)
 
     return {"identical": result.identical, "summary": result.summary(), "files_read": result.files_read,
+            "other_files": result.other_files,
             "tensors": [{"name": c.name, "status": c.status, "max_abs": num(c.max_abs), "max_rel": num(c.max_rel),
                          "reason": c.reason or None, "a": None if c.a is None else _tensor_json(c.a),
                          "b": None if c.b is None else _tensor_json(c.b)} for c in result.tensors]}
@@ -122,7 +123,8 @@ def _diff_text(result: Comparison) -> str:
         detail = [f"{c.max_abs:.4g}", f"{c.max_rel:.4g}"] if c.max_abs is not None and c.max_rel is not None \
             else [c.reason or "-", "-"]
         rows.append([c.name, c.status, *detail, t.dtype, _shape(t.shape)])
-    return "\n".join(_table(rows, {2, 3}) + [result.summary()])
+    others = [f"file {path}: {status}" for path, status in result.other_files.items()]
+    return "\n".join(_table(rows, {2, 3}) + others + [result.summary()])
 
 
 def _diff(args: argparse.Namespace) -> int:
@@ -133,7 +135,7 @@ def _diff(args: argparse.Namespace) -> int:
     try:
         with bar(f"comparing {a.name} and {b.name}", total) as p:
             result = compare(a, b, p.advance)
-    except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+    except (CorruptCheckpointError, CheckpointNotFoundError, ValueError) as e:
         print(f"keepbest diff: {e}", file=sys.stderr)
         return USAGE
     print(json.dumps(_diff_json(result), indent=2) if args.json else _diff_text(result))
