@@ -127,3 +127,13 @@ def test_export_cli_exits_2_naming_the_available_checkpoints_when_the_source_is_
 def test_export_to_keras_of_a_checkpoint_without_a_model_config_exits_2(run, tmp_path):
     result = keepbest("export", f"{run}@v1", "--to", str(tmp_path / "model.keras"))
     assert result.returncode == 2 and "holds no Keras model config (format 'tensors'" in result.stderr
+
+
+def test_show_and_diff_read_a_bucket_checkpoint(run, s3):
+    url = s3.url("shown")
+    copy_checkpoint(checkpoint_at(f"{run}@v1"), url)
+    shown = json.loads(keepbest("show", "--json", f"{url}@latest").stdout)
+    assert {t["name"]: t["shape"] for t in shown["tensors"]} == {k: list(v.shape) for k, v in STATE.items()}
+    result = keepbest("diff", f"{run}@v1", f"{url}@latest")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "0 of 3 tensors changed, 0.0% of bytes"

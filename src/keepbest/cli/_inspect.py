@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from keepbest import exporting
 from keepbest.checkpoint import Checkpoint
@@ -36,7 +36,7 @@ def _open(spec: str, series: str | None, damaged: int = PROBLEM) -> Checkpoint |
         return USAGE
 
 
-def _table(rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def _table(rows: Sequence[Sequence[str]], right: Collection[int] = ()) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in rows]
@@ -131,7 +131,8 @@ def _diff(args: argparse.Namespace) -> int:
     a, b = _open(args.a, args.series, USAGE), _open(args.b, args.series, USAGE)
     if isinstance(a, int) or isinstance(b, int):
         return a if isinstance(a, int) else b  # type: ignore[return-value]
-    total = sum(f.size for f in tensor_files(b))
+    digests = {(f.path, f.digest) for f in tensor_files(a)}
+    total = sum(f.size for f in tensor_files(b) if (f.path, f.digest) not in digests)  # what may be read
     try:
         with bar(f"comparing {a.name} and {b.name}", total) as p:
             result = compare(a, b, p.advance)
@@ -164,7 +165,7 @@ def _export(args: argparse.Namespace) -> int:
     except CorruptCheckpointError as e:
         print(f"keepbest export: {e}", file=sys.stderr)
         return PROBLEM
-    except (CheckpointNotFoundError, StorageError, ValueError) as e:
+    except (OSError, ValueError) as e:  # not found, exists, a folder where a file is wanted, cannot write
         print(f"keepbest export: {e}", file=sys.stderr)
         return USAGE
     if args.json:
