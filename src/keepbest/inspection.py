@@ -114,22 +114,21 @@ def _pick(spec: str, found: Found, ref: str, series: str | None) -> Checkpoint:
             f"ambiguous. Pass --series. Available: {', '.join(names)}. Received: {spec}")
     if not hits:
         damaged = "".join(f" Not usable: {d.name}: {d.reason}" for d in found.damaged)
-        raise CheckpointNotFoundError(f"No checkpoint '{ref}' in {found.store.where()}: {' '.join(misses) or 'it is empty.'}"
-                                      f" Checkpoints: {', '.join(c.name for c in found.checkpoints) or 'none'}."
-                                      f"{damaged} Received: {spec}")
+        note = found.unmanaged_note()
+        why = " ".join(misses) or "it holds no keepbest checkpoint."
+        raise CheckpointNotFoundError(f"No checkpoint '{ref}' in {found.store.where()}: {why} Checkpoints: "
+                                      f"{', '.join(c.name for c in found.checkpoints) or 'none'}.{damaged}"
+                                      f"{' ' + note if note else ''} Received: {spec}")
     return hits[0]
 
 
 def _not_found(spec: str, found: Found, why: str) -> CheckpointNotFoundError:
-    if found.store.exists():
-        listed = found.checkpoints
-        where = found.store.where()
-    else:  # a checkpoint path that is not there: say what its folder holds
-        parent = find(found.store.parent())
-        listed, where = parent.checkpoints, parent.store.where()
+    if not found.store.exists():  # a checkpoint path that is not there: say what its folder holds
+        found = find(found.store.parent())
+    note = found.unmanaged_note()
     return CheckpointNotFoundError(
-        f"No checkpoint at {found.store.where()}: the path {why}. Available in {where}: "
-        f"{', '.join(c.name for c in listed) or 'none'}. Received: {spec}")
+        f"No checkpoint at {spec}: the path {why}. Available in {found.store.where()}: "
+        f"{', '.join(c.name for c in found.checkpoints) or 'none'}.{' ' + note if note else ''} Received: {spec}")
 
 
 def tensor_files(ckpt: Checkpoint) -> list[FileEntry]:

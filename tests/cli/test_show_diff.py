@@ -204,3 +204,10 @@ def test_show_of_a_checkpoint_with_a_missing_shard_exits_1_naming_it(ninety_perc
     result = keepbest("show", str(ninety_percent / "ckpt-000000002"))
     assert result.returncode == 1
     assert f"file {victim} is missing" in result.stderr
+
+
+def test_show_of_a_folder_of_plain_keras_files_says_they_have_no_manifests(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"not written by keepbest")
+    result = keepbest("show", f"{tmp_path}@latest")
+    assert result.returncode == 2
+    assert "1 model file(s) without keepbest manifests" in result.stderr and "model.keras" in result.stderr
