@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -137,3 +138,12 @@ def test_show_and_diff_read_a_bucket_checkpoint(run, s3):
     result = keepbest("diff", f"{run}@v1", f"{url}@latest")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "0 of 3 tensors changed, 0.0% of bytes"
+
+
+def test_export_draws_a_progress_bar_only_when_asked_or_on_a_terminal(run, tmp_path):
+    quiet = keepbest("export", f"{run}@v1", "--to", str(tmp_path / "a.safetensors"))
+    shown = subprocess.run([sys.executable, "-m", "keepbest.cli", "export", f"{run}@v1", "--to",
+                            str(tmp_path / "b.safetensors")], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "KEEPBEST_PROGRESS": "1"})
+    assert quiet.returncode == shown.returncode == 0
+    assert quiet.stderr == "" and "exporting" in shown.stderr and "━" in shown.stderr

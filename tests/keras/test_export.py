@@ -102,3 +102,13 @@ def test_diff_of_keras_files_is_refused_for_want_of_safetensors(digits, tmp_path
                      callbacks=[ModelCheckpoint(str(tmp_path / "m-{epoch}.keras"))])
     with pytest.raises(ValueError, match="holds no safetensors files .format 'keras'"):
         compare(checkpoint_at(str(tmp_path / "m-1.keras")), checkpoint_at(str(tmp_path / "m-2.keras")))
+
+
+def test_export_of_a_keras_file_checkpoint_to_a_folder_copies_it_with_its_manifest(digits, tmp_path):
+    x, y = digits
+    make_model().fit(x[:100], y[:100], epochs=1, verbose=0,
+                     callbacks=[ModelCheckpoint(str(tmp_path / "run" / "m-{epoch}.keras"))])
+    result = keepbest("export", str(tmp_path / "run" / "m-1.keras"), "--to", str(tmp_path / "shipped"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "shipped" / "m-1.keras").read_bytes() == (tmp_path / "run" / "m-1.keras").read_bytes()
+    assert "1 of 1 checkpoint(s) verified" in keepbest("verify", str(tmp_path / "shipped")).stdout

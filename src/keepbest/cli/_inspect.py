@@ -183,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "sizes and digests) and a table of tensors (name, dtype, shape, bytes, file, "
                                       "trainable or frozen) read from the safetensors headers alone: no tensor data, "
                                       "no framework. Exit codes: 0 shown, 1 a damaged header, 2 not found.")
-    show.add_argument("ckpt", help=CKPT_HELP)
+    show.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
     show.add_argument("--series", help=SERIES_HELP)
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(func=_show)
@@ -193,8 +193,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "Files whose digests are equal are not read (only one header, for the names). "
                                       "Exit codes, as diff(1): 0 identical, 1 different, 2 trouble (not found, "
                                       "damaged).")
-    diff.add_argument("a", help="the first checkpoint: " + CKPT_HELP)
-    diff.add_argument("b", help="the second checkpoint, in the same forms")
+    diff.add_argument("a", metavar="A", help="the first checkpoint: " + CKPT_HELP)
+    diff.add_argument("b", metavar="B", help="the second checkpoint, in the same forms")
     diff.add_argument("--series", help=SERIES_HELP)
     diff.add_argument("--json", action="store_true", help="print JSON instead of a table")
     diff.set_defaults(func=_diff)
@@ -205,7 +205,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "folder or bucket URL without a suffix (or ending in '/'): the checkpoint is "
                                     "copied into it under its own name. Exit codes: 0 exported, 1 the source is "
                                     "damaged (nothing written), 2 bad input.")
-    ex.add_argument("ckpt", help=CKPT_HELP)
+    ex.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
     ex.add_argument("--to", required=True, help="where: out/model.keras, out/w.weights.h5, out/model.safetensors, "
                                                 "exported/ or s3://bucket/prefix")
     ex.add_argument("--series", help=SERIES_HELP)
