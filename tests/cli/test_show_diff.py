@@ -211,3 +211,31 @@ def test_show_of_a_folder_of_plain_keras_files_says_they_have_no_manifests(tmp_p
     result = keepbest("show", f"{tmp_path}@latest")
     assert result.returncode == 2
     assert "1 model file(s) without keepbest manifests" in result.stderr and "model.keras" in result.stderr
+
+
+@pytest.fixture
+def two_series(tmp_path):
+    for series in ("a", "b"):
+        mgr = CheckpointManager(tmp_path, series=series, monitor=Monitor("loss", "min"))
+        mgr.save(1, {"w": np.zeros(2, np.float32)}, metrics={"loss": 1.0})
+    return tmp_path
+
+
+def test_an_alias_of_several_series_is_refused_as_ambiguous(two_series):
+    from keepbest.errors import CheckpointNotFoundError
+    from keepbest.inspection import checkpoint_at
+
+    with pytest.raises(CheckpointNotFoundError, match="names a checkpoint in each of several series .* Pass --series"):
+        checkpoint_at(f"{two_series}@best")
+
+
+def test_series_picks_the_series_an_alias_is_looked_up_in(two_series):
+    result = keepbest("show", "--json", "--series", "b", f"{two_series}@best")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "b-000000001"
+
+
+def test_show_of_a_damaged_checkpoint_named_by_reference_exits_1(ninety_percent):
+    (ninety_percent / "ckpt-000000001" / "state-00002.safetensors").unlink()
+    result = keepbest("show", f"{ninety_percent}@ckpt-000000001")
+    assert result.returncode == 1 and "state-00002.safetensors is missing" in result.stderr
