@@ -141,9 +141,9 @@ def copy_checkpoint(source: Checkpoint, to: str, storage_options: Mapping[str, A
         dest.discard(staged)
         raise
     version = m.version
-    taken = {d.version for d in dest.list().manifests if d.series == m.series}
-    if version is not None and version in taken:  # keep the number when it is free there, else the next one
-        version = SeriesIndex(dest, m.series).reserve([d for d in dest.list().manifests if d.series == m.series])
+    siblings = [d for d in dest.list().manifests if d.series == m.series]
+    if version is not None and version in {d.version for d in siblings}:  # keep the number where it is free
+        version = SeriesIndex(dest, m.series).reserve(siblings)
     return commit_verified(dest, staged, replace(m, files=tuple(entries), files_under="", version=version))
 
 

@@ -147,3 +147,12 @@ def test_export_draws_a_progress_bar_only_when_asked_or_on_a_terminal(run, tmp_p
                            env={**os.environ, "KEEPBEST_PROGRESS": "1"})
     assert quiet.returncode == shown.returncode == 0
     assert quiet.stderr == "" and "exporting" in shown.stderr and "━" in shown.stderr
+
+
+def test_a_folder_export_keeps_the_version_where_it_is_free_and_takes_the_next_one_where_not(run, tmp_path):
+    first = copy_checkpoint(checkpoint_at(f"{run}@v1"), str(tmp_path / "shipped"))
+    other = CheckpointManager(tmp_path / "other")
+    other.save(99, STATE)
+    other.save(98, STATE)  # v1 of series ckpt there too, under another name
+    second = copy_checkpoint(checkpoint_at(f"{tmp_path / 'other'}@v1"), str(tmp_path / "shipped"))
+    assert (first.version, second.version) == (1, 2)
