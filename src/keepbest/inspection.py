@@ -95,9 +95,9 @@ def _pick(spec: str, found: Found, ref: str, series: str | None) -> Checkpoint:
     named = [c for c in found.checkpoints if c.name == ref and (series is None or c.manifest.series == series)]
     if named:
         return named[-1]
-    for damaged in found.damaged:
-        if damaged.name == ref:
-            raise CorruptCheckpointError(damaged.reason)
+    for unusable in found.damaged:
+        if unusable.name == ref:
+            raise CorruptCheckpointError(unusable.reason)
     names = sorted({c.manifest.series for c in found.checkpoints})
     if series is not None and series not in names:
         raise CheckpointNotFoundError(f"{found.store.where()} has no series '{series}'. Pass one of its series. "

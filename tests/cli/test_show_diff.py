@@ -41,6 +41,10 @@ MEASURE = textwrap.dedent('''
 ''')
 
 
+MEASURED = pytest.mark.skipif(not os.path.exists("/proc/self/io") or not hasattr(os, "posix_fadvise"),
+                              reason="needs Linux's per-process I/O accounting (/proc/self/io) and posix_fadvise")
+
+
 def evict(folder: Path) -> None:
     """Writes the files under ``folder`` back and drops them from the page cache."""
     for path in folder.rglob("*"):
@@ -77,6 +81,7 @@ def gigabyte(tmp_path_factory):
     shutil.rmtree(folder)
 
 
+@MEASURED
 def test_show_of_a_gigabyte_checkpoint_reads_less_than_a_megabyte_from_disk(gigabyte, tmp_path):
     evict(gigabyte)
     io, out = measured(tmp_path, "show", f"{gigabyte}@latest")
@@ -123,6 +128,7 @@ def ninety_percent(tmp_path):
     return tmp_path / "run"
 
 
+@MEASURED
 def test_diff_of_checkpoints_sharing_nine_of_ten_shards_reads_only_the_changed_one(ninety_percent, tmp_path):
     shard = 4 << 20
     evict(ninety_percent)
