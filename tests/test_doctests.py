@@ -10,7 +10,7 @@ import pytest
 MODULES = ["keepbest.manifest", "keepbest.policy", "keepbest.store", "keepbest.store.local", "keepbest.codec",
            "keepbest.manager", "keepbest.writer", "keepbest.evaluation", "keepbest.follower", "keepbest.series",
            "keepbest.history", "keepbest.payload", "keepbest.checkpoint", "keepbest.discovery", "keepbest.matching",
-           "keepbest.rng", "keepbest.publishing"]
+           "keepbest.rng", "keepbest.publishing", "keepbest.inspection", "keepbest.comparison", "keepbest.exporting"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -158,6 +158,8 @@ def level(name: str) -> int:
 # Sibling entry points that may import each other, and why.
 ALLOWED_IMPORTS = {
     ("keepbest.cli._sidecar", "keepbest.keras"): "`keepbest sidecar` runs a Keras evaluator (imported when it runs)",
+    ("keepbest.cli._inspect", "keepbest.keras._export"): "`keepbest export --to x.keras` needs Keras (imported when "
+                                                         "it runs)",
     ("keepbest.lightning._io", "keepbest.torch._host"): "Lightning's state is torch state: the same host copies",
     ("keepbest.lightning._io", "keepbest.torch._state"): "... and the same safetensors + JSON layout",
 }
@@ -252,7 +254,10 @@ WORKLOAD = textwrap.dedent('''
             follower.begin(ckpt); mgr.store.verify(ckpt.manifest); follower.done(ckpt, {"loss": 1.0})
     keepbest.list_checkpoints(root)
     for argv in (["ls", root], ["ls", "--json", root], ["verify", root], ["gc", "--dry-run", root], ["gc", root],
-                 ["promote", root, "latest", "--alias", "prod"], ["demote", root, "--alias", "prod"]):
+                 ["promote", root, "latest", "--alias", "prod"], ["demote", root, "--alias", "prod"],
+                 ["show", root + "@latest"], ["diff", root + "@best", root + "@latest"],
+                 ["export", root + "@latest", "--to", os.path.join(root, "out", "m.safetensors")],
+                 ["export", root + "@latest", "--to", os.path.join(root, "copies")]):
         cli.main(argv)
     mgr.delete_all(); mgr.close()
 
@@ -270,6 +275,7 @@ WORKLOAD = textwrap.dedent('''
     keepbest.keras.load_model(os.path.join(root, "k", "e2.keras"))
     keepbest.keras.load_weights(build(), os.path.join(root, "k", "w2.weights.h5"))
     keepbest.keras.load_model(os.path.join(root, "f"))
+    cli.main(["export", os.path.join(root, "f") + "@latest", "--to", os.path.join(root, "f.keras")])
     backup = os.path.join(root, "backup")
     class Stop(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

@@ -65,6 +65,12 @@ def dtype_code(dtype: np.dtype[Any]) -> str:
     return code
 
 
+def numpy_dtype(code: str) -> np.dtype[Any]:
+    """The NumPy dtype of safetensors dtype ``code`` (``F32`` -> float32); a header :func:`parse_header`
+    accepted has only known codes."""
+    return _DTYPES[code]
+
+
 def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> tuple[bytes, list[np.ndarray]]:
     doc: dict[str, Any] = {}
     if metadata:
@@ -88,6 +94,9 @@ def _header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | Non
 
 
 SHARDS_KEY = "keepbest.shards"
+GROUPS_KEY = "keepbest.groups"
+"""Metadata of a main file: JSON ``{label: [tensor names]}`` (e.g. ``trainable``, ``frozen``) for its tensors and its
+shards' (what ``keepbest show`` prints)."""
 PIECES_KEY = "keepbest.pieces"
 """Metadata of a file saved by many processes: JSON ``{path: whole shape}`` of the variables stored as pieces
 (each piece named by the slice of the whole it covers, ``dense/kernel[0:4,0:8]``), put together on reading."""
@@ -167,13 +176,28 @@ def decode_header(buf: Any, where: str = "<buffer>") -> tuple[dict[str, Any], di
     """
     view = memoryview(buf)
     file_size = view.nbytes
-    if file_size < 8:
+    length = header_length(bytes(view[:8]), file_size, where)
+    entries, metadata = parse_header(bytes(view[8 : 8 + length]), file_size, where)
+    return entries, metadata, 8 + length
+
+
+def header_length(first: bytes, file_size: int, where: str = "<buffer>") -> int:
+    """The JSON header's length from the first 8 bytes of a file of ``file_size`` bytes (checked against it)."""
+    if file_size < 8 or len(first) < 8:
         raise _corrupt(where, "the file is shorter than the 8-byte header length", f"size={file_size}")
-    (length,) = struct.unpack("<Q", view[:8])
+    (length,) = struct.unpack("<Q", first[:8])
     if length > MAX_HEADER_BYTES or 8 + length > file_size:
         raise _corrupt(where, "the header length is larger than the file (truncated or damaged)",
                        f"header_length={length} file_size={file_size}")
-    raw = bytes(view[8 : 8 + length])
+    return int(length)
+
+
+def parse_header(raw: bytes, file_size: int, where: str = "<buffer>") -> tuple[dict[str, Any], dict[str, str]]:
+    """Validated tensor entries and metadata of the JSON header ``raw`` of a file of ``file_size`` bytes.
+
+    Reading a header alone (8 bytes, then ``raw``) tells what a file holds
+    without touching its data.
+    """
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: math.nan)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -183,7 +207,7 @@ def decode_header(buf: Any, where: str = "<buffer>") -> tuple[dict[str, Any], di
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _corrupt(where, "__metadata__ must map strings to strings", f"__metadata__={metadata!r:.80}")
-    data_len = file_size - 8 - length
+    data_len = file_size - 8 - len(raw)
     spans = []
     for name, info in doc.items():
         _check_entry(where, name, info, data_len)
@@ -197,7 +221,7 @@ def decode_header(buf: Any, where: str = "<buffer>") -> tuple[dict[str, Any], di
     if end != data_len:
         raise _corrupt(where, "the tensors do not cover the data exactly (truncated or extra bytes)",
                        f"data_bytes={data_len} described={end}")
-    return doc, metadata, 8 + length
+    return doc, metadata
 
 
 def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:

@@ -95,6 +95,12 @@ class TensorPayload:
             names = [codec.shard_name(fname, i + 1) for i in range(len(shards))]
             if names:
                 metadata[codec.SHARDS_KEY] = json.dumps(names)
+            labels = (self.groups or {}).get(fname)
+            if labels:  # which tensors are trainable or frozen, for `keepbest show`
+                by_label: dict[str, list[str]] = {}
+                for name in tensors:
+                    by_label.setdefault(str(labels.get(name, "")), []).append(name)
+                metadata[codec.GROUPS_KEY] = json.dumps(by_label, separators=(",", ":"))
             for shard, members in zip(names, shards):
                 entries.append(self._write_or_link(staged, shard, codec.encode({k: tensors[k] for k in members}),
                                                    base.get(shard)))

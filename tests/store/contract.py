@@ -99,6 +99,19 @@ class StoreContract:
         assert (m.name, m.layout, m.files) == ("ckpt-1", "dir", (
             FileEntry("a.bin", 5, HELLO_BLAKE3), FileEntry("sub/b.bin", 0, EMPTY_BLAKE3)))
 
+    def test_write_under_its_own_name_fills_a_file_entry(self, store):
+        staged = store.stage("model.safetensors", "file")
+        entry = staged.write("model.safetensors", [memoryview(b"123"), memoryview(b"45")])
+        committed = store.commit(staged, manifest("model.safetensors", "file").with_files((entry,)))
+        assert committed.files == (FileEntry("model.safetensors", 5, HELLO_BLAKE3),)
+        assert contents(store, committed) == {"state.bin": b"12345"}
+
+    def test_a_file_entry_refuses_a_write_under_another_name(self, store):
+        staged = store.stage("model.keras", "file")
+        with pytest.raises(ValueError, match="has no files inside"):
+            staged.write("other.bin", b"12345")
+        store.discard(staged)
+
     def test_commit_hashes_the_files_when_the_manifest_lists_none(self, store):
         staged = store.stage("ckpt-1", "dir")
         staged.write("a.bin", b"12345")

@@ -11,9 +11,9 @@ import sys
 from typing import Sequence
 
 from keepbest._version import __version__
-from keepbest.cli import _listing, _maintenance, _report, _sidecar
+from keepbest.cli import _inspect, _listing, _maintenance, _report, _sidecar
 
-COMMANDS = (_listing, _maintenance, _report, _sidecar)
+COMMANDS = (_listing, _maintenance, _inspect, _report, _sidecar)
 
 EPILOG = """\
 Every command takes a local path or a bucket URL (s3://bucket/prefix). Pass --json for machine-readable output.

@@ -53,8 +53,10 @@ class LocalStaged(Staged):
 
     def _dest(self, rel: str) -> Path:
         if self.layout != "dir":
-            raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
-                             f"Received: rel={rel!r}")
+            if rel == self.name:  # the one file of a file checkpoint
+                return self.path
+            raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path() or "
+                             f"write({self.name!r}, ...). Received: rel={rel!r}")
         if self.joined and not self.path.is_dir():
             raise StorageError(errno.ENOENT, f"Cannot write {rel} into staged checkpoint {self.path}: it is gone (the "
                                "process that staged it gave up this save). Nothing was committed. "

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from keepbest.errors import CorruptCheckpointError, StorageError
 from keepbest.manifest import FileEntry, Manifest
+from keepbest.store import _fs
 from keepbest.store._object_io import PART, Bucket
 from keepbest.store.base import Reader, Staged
 
@@ -97,10 +98,13 @@ class ObjectStaged(Staged):
         return self._local
 
     def write(self, rel: str, data: bytes | Sequence[memoryview], digest: str | None = None) -> FileEntry:
-        if self.layout != "dir":
-            raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path(). "
-                             f"Received: rel={rel!r}")
         pieces = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else builtins.list(data)
+        if self.layout != "dir":
+            if rel != self.name:
+                raise ValueError(f"Staged file checkpoint {self.name} has no files inside; write local_path() or "
+                                 f"write({self.name!r}, ...). Received: rel={rel!r}")
+            size, computed = _fs.write_pieces(self.local_path(), pieces, digest)  # uploaded at commit
+            return FileEntry(path=rel, size=size, digest=computed)
         if self.joined and self.store.bucket.head(self.lock[0]) is None:
             raise StorageError(errno.ENOENT, f"Cannot write {rel} of checkpoint {self.store.where(self.name)}: the "
                                "process that staged it gave up this save (its commit lock is gone). Nothing was "

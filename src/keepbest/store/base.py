@@ -120,7 +120,8 @@ class Staged(abc.ABC):
 
     @abc.abstractmethod
     def write(self, rel: str, data: bytes | Sequence[memoryview], digest: str | None = None) -> FileEntry:
-        """Writes one file of a ``dir`` checkpoint; returns its entry (the digest computed on the way)."""
+        """Writes one file of a ``dir`` checkpoint, or (``rel`` = its name) the one file of a ``file``
+        checkpoint; returns its entry (the digest computed on the way)."""
 
     @abc.abstractmethod
     def link(self, rel: str, base: Manifest, entry: FileEntry) -> bool:
