@@ -117,7 +117,7 @@ def test(extra: list[str]) -> int:
     failures = 0
     for i, backend in enumerate(BACKENDS):
         # The first pass runs everything; later passes only what depends on the backend.
-        # The SIGKILL test runs its full count (68 kills) once; later backends get a shorter run.
+        # The SIGKILL test runs its full count (40 kills) once; later backends get a shorter run.
         paths = ["tests"] if i == 0 else ["tests/keras"]
         env = framework_env(backend)
         if i > 0:

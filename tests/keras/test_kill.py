@@ -16,7 +16,7 @@ import pytest
 from .kill_child import build_model
 from .kill_harness import FORMATS, run
 
-KILLS = int(os.environ.get("KEEPBEST_KILLS", "14"))
+KILLS = int(os.environ.get("KEEPBEST_KILLS", "8"))
 SEED = int(os.environ.get("KEEPBEST_KILL_SEED", str(random.SystemRandom().randrange(10**6))))
 
 
