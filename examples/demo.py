@@ -33,7 +33,7 @@ from keras import layers  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import keepbest.keras  # noqa: E402
-from keepbest.listing import table  # noqa: E402
+from keepbest.listing import compact  # noqa: E402
 from keepbest.report import write_report  # noqa: E402
 from keepbest.discovery import list_checkpoints  # noqa: E402
 
@@ -126,9 +126,9 @@ def main() -> None:
         raise SystemExit("the restarted sidecar failed")
 
     ckpts = list_checkpoints(args.dir)
-    print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`); "
-          "eval: columns are the sidecar's test-set metrics:\n")
-    print(table(ckpts))
+    print(f"\nCheckpoints on disk in {args.dir} (the same table as `keepbest ls {args.dir}`; "
+          f"`keepbest ls --wide {args.dir}` adds every metric and the sidecar's test-set metrics):\n")
+    print(compact(ckpts))
     exported = [c for c in list_checkpoints(os.path.join(args.dir, "best_eval")) if c.is_best][-1]
     source = exported.manifest.extra["evaluated_checkpoint"]["name"]
     print(f"\nThe sidecar exported {exported.path} as the best by test loss "

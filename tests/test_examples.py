@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,17 @@ def test_demo_runs_to_the_end(tmp_path, script, args, expected):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert expected in result.stdout and "keepbest ls" in result.stdout
+
+
+@pytest.mark.slow
+def test_keras_demo_runs_and_its_folder_lists_in_80_columns_with_a_report(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--epochs", "3"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    listed = subprocess.run([sys.executable, "-m", "keepbest.cli", "ls", "demo_checkpoints"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    lines = listed.stdout.splitlines()
+    assert listed.returncode == 0 and len(lines) == 4, listed.stdout + listed.stderr
+    assert max(len(line) for line in lines) <= 80, listed.stdout
+    page = (tmp_path / "demo_checkpoints-report.html").read_text()
+    assert 'id="metric-curve"' in page and 'id="best-marker"' in page

@@ -6,21 +6,13 @@ import time
 from typing import Any, Sequence
 
 from keepbest.checkpoint import Checkpoint
+from keepbest.policy import format_size
 from keepbest.store import Damaged
 
 
 def human_size(n: float) -> str:
-    """``1.5 GB`` (powers of 1024). Sizes past petabytes (a hand-edited manifest) stay one short field."""
-    size = float(n)
-    if size != size or size < 0:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if size < 1024 or unit == "PB":
-            if unit == "B":
-                return f"{size:.0f} B"
-            return f"{size:.1f} {unit}" if size < 1e4 else f"{size:.3g} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+    """``1.5 GB``: decimal units, as ``max_bytes="50GB"`` reads them, so a listing and a budget agree."""
+    return format_size(n)
 
 
 def number(value: float | None) -> str:

@@ -69,9 +69,9 @@ def test_ls_shows_a_hand_edited_huge_metric_in_a_short_field(run_dir):
         assert "-1e+308" in out and max(map(len, out.splitlines())) < 160, out
 
 
-def test_sizes_past_petabytes_stay_one_short_field():
-    assert listing.human_size(10**30) == "8.88e+14 PB" and listing.human_size(1536) == "1.5 KB"
-    assert listing.human_size(5 * 1024**5) == "5.0 PB" and listing.human_size(999) == "999 B"
+def test_sizes_past_terabytes_stay_one_short_field():
+    assert listing.human_size(10**30) == "1.0e+18 TB" and listing.human_size(1536) == "1.5 kB"
+    assert listing.human_size(5 * 10**15) == "5000.0 TB" and listing.human_size(999) == "999 B"
 
 
 def test_ls_json_carries_metrics_best_and_files(run_dir):
