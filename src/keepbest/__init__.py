@@ -20,7 +20,7 @@ from keepbest.errors import (
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import FileEntry, Manifest, MonitorRecord
 from keepbest.payload import TensorPayload
-from keepbest.policy import KeepBest, KeepLast, Monitor
+from keepbest.policy import KeepBest, KeepEvery, KeepLast, KeepPeriod, MaxBytes, Monitor
 from keepbest.store import LocalStore, Store
 from keepbest.writer import AsyncWriter, SaveHandle
 
@@ -33,10 +33,13 @@ __all__ = [
     "CorruptCheckpointError",
     "FileEntry",
     "KeepBest",
+    "KeepEvery",
     "KeepLast",
+    "KeepPeriod",
     "KeepbestError",
     "LocalStore",
     "Manifest",
+    "MaxBytes",
     "Monitor",
     "MonitorError",
     "MonitorRecord",
