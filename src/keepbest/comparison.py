@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,11 +97,17 @@ def compare(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] | None
     ra, rb = a.reader(), b.reader()
     fa, fb = {f.path: f for f in tensor_files(a)}, {f.path: f for f in tensor_files(b)}
     same = {p for p in fa if p in fb and (fa[p].digest, fa[p].algorithm) == (fb[p].digest, fb[p].algorithm)}
-    ta = {t.name: t for t in tensors_of(a, ra)}
-    tb = {t.name: t for t in tensors_of(b, rb, [f for f in fb.values() if f.path not in same])}
-    for t in ta.values():  # the tensors of identical files: named by the first checkpoint's header
-        if t.file in same:
-            tb[t.name] = t
+    la = tensors_of(a, ra)
+    # The tensors of identical files are named by the first checkpoint's header: their data is never read.
+    lb = tensors_of(b, rb, [f for f in fb.values() if f.path not in same]) + [t for t in la if t.file in same]
+    # Names are unique within a file only (PyTorch's entries each have a `weight`): a name held by several
+    # files is compared as `file:name`, so one file's tensor is never compared with another's.
+    shared = {n for side in (la, lb) for n, count in Counter(t.name for t in side).items() if count > 1}
+
+    def key(t: TensorInfo) -> str:
+        return f"{t.file}:{t.name}" if t.name in shared else t.name
+
+    ta, tb = {key(t): t for t in la}, {key(t): t for t in lb}
     out = Comparison(other_files=_other_files(a, b))
     buffers: dict[str, Any] = {}
 

@@ -71,7 +71,12 @@ def file_target(to: str, storage_options: Mapping[str, Any] | None = None) -> tu
     if here.entry_kind() == "dir" or (here.entry_kind() is None and here.exists()):
         raise IsADirectoryError(f"Cannot export to {to}: it is an existing folder. Pass a file path ending in "
                                 f"{', '.join(KINDS)}. Received: --to {to}")
-    return here.parent(), here.basename
+    folder = here.parent()
+    if here.entry_kind() == "file" and here.basename not in {m.name for m in folder.list().manifests}:
+        raise FileExistsError(f"Cannot export to {to}: a file that keepbest did not write is already there, and an "
+                              "export never replaces it. Delete or move it, or pass another path. "
+                              f"Received: --to {to}")
+    return folder, here.basename
 
 
 def file_manifest(source: Manifest, store: Store, name: str, fmt: str) -> Manifest:
@@ -90,10 +95,18 @@ def commit_verified(store: Store, staged: Any, manifest: Manifest) -> Checkpoint
     committed = store.commit(staged, manifest)
     try:
         store.verify(committed)
-    except CorruptCheckpointError:
-        store.delete(committed)
+    except BaseException:
+        withdraw(store, committed)
         raise
     return Checkpoint(committed, store.where(committed.name), store=store)
+
+
+def withdraw(store: Store, committed: Manifest) -> None:
+    """Deletes an export that failed its checks, so that no unverified copy stays visible."""
+    try:
+        store.delete(committed)
+    except CheckpointNotFoundError:  # already gone: what withdrawing it wants
+        return
 
 
 def copy_checkpoint(source: Checkpoint, to: str, storage_options: Mapping[str, Any] | None = None,

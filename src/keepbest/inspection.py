@@ -161,16 +161,17 @@ def tensors_of(ckpt: Checkpoint, reader: Reader | None = None,
     reader = reader or ckpt.reader()
     chosen = tensor_files(ckpt) if files is None else files
     headers = {e.path: read_header(reader, e) for e in chosen}
-    groups: dict[str, str] = {}
+    groups: dict[str, str] = {}  # labels recorded in a main file also cover its shards
     for _entries, meta, _start in headers.values():
         groups.update(_groups(meta))
     out = []
     for entry in chosen:
-        entries, _meta, start = headers[entry.path]
+        entries, meta, start = headers[entry.path]
+        own = _groups(meta)  # a file's own labels first: names are unique within a file only
         for name, info in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, stop = info["data_offsets"]
             out.append(TensorInfo(name, info["dtype"], tuple(info["shape"]), stop - begin, entry.path,
-                                  groups.get(name) or None, start + begin))
+                                  own.get(name) or groups.get(name) or None, start + begin))
     return out
 
 

@@ -394,14 +394,13 @@ class CheckpointManager:
             return self.writer.submit(self.store.where(name), self._together(stalled, payload, snapshot,
                                                                               monitor, keep))
         written: tuple[Staged, tuple[FileEntry, ...], int] | None = None
-        began = time.perf_counter()
         if not payload.detached:  # it reads live state: write now, commit in the background
             written = self._write(name, self._deduplicated(payload, self._mine()))
         stall = time.perf_counter() - entered
 
         def persist() -> Checkpoint:
             # The listing, the version number and the write run here, off the training thread.
-            start = began if written is not None else time.perf_counter()
+            start = time.perf_counter()  # the caller's part (a live payload's write too) is the stall, not persist
             before = self._mine()
             staged, entries, reused = written or self._write(name, self._deduplicated(payload, before))
             try:

@@ -87,7 +87,9 @@ class Manifest:
     the previous save, copying the snapshot; with a live payload, writing it too); None where not recorded
     (older manifests). A synchronous save blocks the caller for ``stall + persist``."""
     persist: float | None = None
-    """Seconds from the start of writing the files to the commit (the manifest write itself excluded)."""
+    """Seconds from the end of the caller's part (``stall``) to the commit: writing the files in the background
+    (a live payload's files were written in the stall), without the manifest write itself. Each second of a
+    save counts in one of the two."""
     reused_bytes: int | None = None
     """Bytes of ``files`` reused from the previous checkpoint instead of written (dedup); bytes written are
     ``size - reused_bytes``. None where not recorded."""

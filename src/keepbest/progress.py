@@ -60,7 +60,8 @@ class Bar:
             return
         amount = [DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes" else [MofNCompleteColumn()]
         self._rich = Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(),
-                              console=Console(file=stream, force_terminal=True), transient=True)
+                              console=Console(file=stream, force_terminal=True), transient=True,
+                              redirect_stdout=False, redirect_stderr=False)  # never capture others' output
         self._rich.start()
         self._task = self._rich.add_task(self.description, total=self.total)
 

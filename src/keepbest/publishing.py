@@ -145,7 +145,7 @@ class PublishQueue:
         """Publishes what is queued, closes the publishers, then raises what failed (once)."""
         with self._lock:
             thread, self._closed = self._thread, True
-            backlog = self._events.qsize()
+            backlog = self._events.unfinished_tasks  # queued, and the one being published
             if thread is not None and backlog:  # training is over and waits for the uploads: say how many are left
                 self._bar = progress.bar(f"publishing ({', '.join(type(p).__name__ for p in self.publishers)})", backlog,
                                          unit="events")
@@ -197,7 +197,7 @@ class PublishQueue:
                 else:
                     self._upload_failed.add(i)
                 if e.outcome is not None:
-                    e.outcome(type(p).__name__, uploaded)
+                    self._record(e.outcome, type(p).__name__, uploaded, f"{e.series} v{version.number}")
             elif e.kind == "aliases":
                 aliases = dict(e.aliases or {})
                 self._try(p, f"alias update of {e.series}", lambda: p.aliases_moved(e.series, aliases))
@@ -207,6 +207,15 @@ class PublishQueue:
             else:
                 self._try(p, f"remote delete of {e.series} v{e.number} ({e.name})",
                           lambda: p.deleted(e.series, e.number, e.name))
+
+    def _record(self, outcome: Callable[[str, bool], None], publisher: str, uploaded: bool, what: str) -> None:
+        """Records an upload's status for the report; a failure to record it is reported as such and never keeps
+        the next publishers from their turn."""
+        try:
+            outcome(publisher, uploaded)
+        except Exception as err:  # reported at close(); the upload itself is unaffected
+            self._fail(f"recording the upload status of {what} ({publisher}) in the history failed: "
+                       f"{type(err).__name__}: {err}")
 
     def _try(self, publisher: Publisher, what: str, call: Callable[[], Any]) -> bool:
         delay = self.backoff

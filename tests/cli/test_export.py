@@ -156,3 +156,12 @@ def test_a_folder_export_keeps_the_version_where_it_is_free_and_takes_the_next_o
     other.save(98, STATE)  # v1 of series ckpt there too, under another name
     second = copy_checkpoint(checkpoint_at(f"{tmp_path / 'other'}@v1"), str(tmp_path / "shipped"))
     assert (first.version, second.version) == (1, 2)
+
+
+def test_export_never_replaces_a_file_keepbest_did_not_write(run, tmp_path):
+    mine = tmp_path / "out" / "model.safetensors"
+    mine.parent.mkdir()
+    mine.write_bytes(b"the user's own file")
+    result = keepbest("export", f"{run}@v1", "--to", str(mine))
+    assert result.returncode == 2 and "a file that keepbest did not write is already there" in result.stderr
+    assert mine.read_bytes() == b"the user's own file"

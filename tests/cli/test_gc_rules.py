@@ -146,3 +146,18 @@ def test_every_argument_of_gc_promote_and_demote_has_help(command, words):
     result = keepbest(command, "--help")
     text = " ".join(result.stdout.split())
     assert all(w in text for w in words), text
+
+
+def test_gc_with_rules_on_one_checkpoint_exits_2_and_deletes_nothing(run_dir):
+    result = keepbest("gc", "--keep-last", "1", str(run_dir / _name(5)))
+    assert result.returncode == 2
+    assert f"is one checkpoint ({_name(5)}). Pass its folder" in result.stderr
+    assert len(_epochs(run_dir)) == 12
+
+
+def test_gc_refuses_bad_input_before_cleaning_anything(run_dir, dead_token):
+    leftover = run_dir / f".keepbest-tmp-{dead_token}-0badf00d-ckpt-000000099"
+    leftover.mkdir()
+    result = keepbest("gc", "--keep-last", "1", "--series", "nope", str(run_dir))
+    assert result.returncode == 2 and leftover.exists()
+    assert keepbest("gc", "--keep-last", "1", str(run_dir)).returncode == 0 and not leftover.exists()

@@ -168,6 +168,18 @@ def test_diff_reports_added_and_removed_tensors_and_dtype_changes(tmp_path):
         ("new", "added", None), ("old", "removed", None), ("w", "changed", "dtype F32 -> F64")]
 
 
+def test_diff_tells_apart_tensors_of_the_same_name_in_different_files(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    same = np.arange(4, dtype=np.float32)
+    for step, ema in enumerate((same, same + 1)):  # only the EMA copy changes; both files hold a tensor "w"
+        mgr.save(step, TensorPayload({"ema.safetensors": {"w": ema}, "model.safetensors": {"w": same}}))
+    result = keepbest("diff", "--json", f"{tmp_path}@v0", f"{tmp_path}@v1")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [(t["name"], t["status"]) for t in doc["tensors"]] == [("ema.safetensors:w", "changed"),
+                                                                  ("model.safetensors:w", "unchanged")]
+
+
 def test_diff_exits_2_naming_the_file_when_a_file_that_differs_is_damaged(ninety_percent, flip_byte):
     victim = ninety_percent / "ckpt-000000002" / "state-00008.safetensors"
     flip_byte(victim, offset=-7)

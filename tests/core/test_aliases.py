@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -141,10 +142,10 @@ def test_cli_promote_then_ls_shows_versions_and_aliases(tmp_path, capsys):
     assert second.split()[3:6] == ["*", "v1", "best,epoch_2"]
 
 
-def test_cli_promote_reports_an_unknown_version(tmp_path):
+def test_cli_promote_reports_an_unknown_version_and_exits_2(tmp_path, capsys):
     _save(_manager(tmp_path), 1, 1.0)
-    with pytest.raises(SystemExit, match=r"keepbest promote: No version 'v5'.*Available: v0"):
-        main(["promote", str(tmp_path), "v5", "--alias", "production"])
+    assert main(["promote", str(tmp_path), "v5", "--alias", "production"]) == 2
+    assert re.search(r"keepbest promote: No version 'v5'.*Available: v0", capsys.readouterr().err)
 
 
 def test_cli_demote_releases_the_alias(tmp_path, capsys):
@@ -153,8 +154,9 @@ def test_cli_demote_releases_the_alias(tmp_path, capsys):
     main(["promote", str(tmp_path), "latest", "--alias", "production"])
     assert main(["demote", str(tmp_path), "--alias", "production"]) == 0
     assert "production" not in mgr.aliases
-    with pytest.raises(SystemExit, match=r"has no user alias 'production'. User aliases: none"):
-        main(["demote", str(tmp_path), "--alias", "production"])
+    capsys.readouterr()
+    assert main(["demote", str(tmp_path), "--alias", "production"]) == 2
+    assert "has no user alias 'production'. User aliases: none" in capsys.readouterr().err
 
 
 def test_list_checkpoints_reports_versions_and_aliases(tmp_path):

@@ -191,3 +191,12 @@ def test_the_command_json_has_no_bare_nan(tmp_path):
     done = keepbest("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"), "--json")
     doc = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
     assert doc["series"][0]["saves"][0]["value"] == "nan"
+
+
+def test_a_metric_name_holding_markup_never_reaches_the_page_as_markup(tmp_path):
+    mgr = CheckpointManager(tmp_path, monitor=Monitor("val_loss", "min"))
+    hostile = 'a"><script>alert(1)</script>'
+    for epoch in (1, 2):
+        mgr.save(epoch, {"w": np.zeros(2)}, metrics={"val_loss": 1.0 / epoch, hostile: 0.5}, epoch=epoch)
+    page = render(gather(tmp_path))
+    assert "<script" not in page and 'id="metric-a___script_alert_1___script_"' in page

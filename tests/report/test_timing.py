@@ -37,6 +37,12 @@ def test_a_synchronous_save_records_its_persist_time(tmp_path):
     assert 0 <= ckpt.manifest.stall < PAUSE  # the writing is counted once, as persist
 
 
+def test_a_live_payload_counts_its_write_in_the_stall_only(tmp_path):
+    live = SlowPayload({"state.safetensors": {"w": np.zeros(4, np.float32)}})  # reads live state: written now
+    ckpt = CheckpointManager(tmp_path).save_async(1, live).result()
+    assert ckpt.manifest.stall >= PAUSE > ckpt.manifest.persist
+
+
 def test_an_async_save_stalls_the_caller_less_than_it_takes_to_persist(tmp_path):
     mgr = CheckpointManager(tmp_path)
     ckpt = mgr.save_async(1, _slow(1.0)).result()

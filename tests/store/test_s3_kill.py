@@ -1,6 +1,6 @@
 """SIGKILL of a process saving to S3, at random request numbers, loses no committed best and leaves nothing.
 
-A run of ``s3_kill_harness`` (see there) against moto's server: ``KEEPBEST_S3_KILLS`` kills (default 30),
+A run of ``s3_kill_harness`` (see there) against moto's server: ``KEEPBEST_S3_KILLS`` kills (default 50),
 each before a request number counted by a botocore hook in the child; ``KEEPBEST_S3_KILL_SEED`` replays a
 run (the seed is in every failure message). ``scripts/s3_kill_soak.py`` runs the same harness for 200.
 The kills run once per module; each test reads one outcome of them.
@@ -17,7 +17,7 @@ pytest.importorskip("s3fs", reason="keepbest[s3] is not installed")
 
 from .s3_kill_harness import Summary, run  # noqa: E402 - after the skip: the harness imports the child's deps
 
-KILLS = int(os.environ.get("KEEPBEST_S3_KILLS", "30"))
+KILLS = int(os.environ.get("KEEPBEST_S3_KILLS", "50"))
 SEED = int(os.environ.get("KEEPBEST_S3_KILL_SEED", str(random.SystemRandom().randrange(10**6))))
 
 pytestmark = pytest.mark.slow

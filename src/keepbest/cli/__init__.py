@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from keepbest._version import __version__
+from keepbest.cli._common import OK, USAGE, UsageError
 from keepbest.cli import _inspect, _listing, _maintenance, _report, _sidecar
 
 COMMANDS = (_listing, _maintenance, _inspect, _report, _sidecar)
@@ -20,7 +21,7 @@ Every command takes a local path or a bucket URL (s3://bucket/prefix). Pass --js
 
 exit codes:
   0  success (for diff: the checkpoints are equal)
-  1  a problem was found: a damaged or corrupt checkpoint, nothing that could be verified
+  1  a problem was found: a damaged or corrupt checkpoint, or only model files without manifests
      (for diff: the checkpoints differ)
   2  bad input: a path that does not exist, a URL that cannot be served, a wrong argument
 """
@@ -41,10 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.func(args))
         sys.stdout.flush()
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return USAGE
     except BrokenPipeError:
         # The reader went away (`keepbest ls | head`): stop quietly, as other command-line tools do. Pointing
         # stdout at /dev/null keeps Python's exit-time flush from raising the same error again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return OK
     return code

@@ -12,6 +12,10 @@ OK, PROBLEM, USAGE = 0, 1, 2
 that does not exist, a URL that cannot be served, a wrong argument)."""
 
 
+class UsageError(Exception):
+    """Bad input found while a command runs: ``keepbest`` prints the message and exits with :data:`USAGE`."""
+
+
 def find_or_report(path: str) -> Found | None:
     """What ``path`` holds; None (with a message) when it does not exist or cannot be served."""
     try:
@@ -34,5 +38,5 @@ def series_of(found: Found, wanted: str | None) -> str:
     if wanted is None and len(names) == 1:
         return names[0]
     what = f"has no series '{wanted}'" if wanted else f"holds {len(names)} series, so --series must pick one"
-    raise SystemExit(f"keepbest: {found.store.where()} {what}. Available: {', '.join(names) or 'none'}. "
+    raise UsageError(f"keepbest: {found.store.where()} {what}. Available: {', '.join(names) or 'none'}. "
                      f"Received: --series {wanted}")

@@ -154,8 +154,13 @@ def _export(args: argparse.Namespace) -> int:
         return source
     run: Callable[..., Checkpoint]
     if kind in ("keras", "weights.h5"):
-        from keepbest.keras._export import export_keras  # Keras is imported only here
-
+        try:
+            from keepbest.keras._export import export_keras  # Keras is imported only here
+        except ImportError as e:
+            print(f"keepbest export: exporting to .{kind} needs Keras, which cannot be imported here ({e}). Install "
+                  "it (pip install 'keepbest[keras]' plus a backend), or export to .safetensors or a folder. "
+                  f"Received: --to {args.to}", file=sys.stderr)
+            return USAGE
         run = export_keras
     else:
         run = exporting.copy_checkpoint if kind == exporting.FOLDER else exporting.export_safetensors

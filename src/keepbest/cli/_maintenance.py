@@ -9,7 +9,7 @@ import warnings
 from typing import Any
 
 from keepbest import evaluation
-from keepbest.cli._common import OK, USAGE, find_or_report, series_of
+from keepbest.cli._common import OK, USAGE, UsageError, find_or_report, series_of
 from keepbest.discovery import Found, find
 from keepbest.errors import CheckpointNotFoundError
 from keepbest.manager import CheckpointManager
@@ -63,12 +63,16 @@ class _Usage(Exception):
     """Bad input: printed, exit code 2."""
 
 
-def _retention(found: Found, args: argparse.Namespace, rules: tuple[Rule, ...]) -> tuple[list[Action], list[str]]:
-    """What the rules delete in the chosen series (or would, with ``--dry-run``), and the limits not met."""
+def _choose(found: Found, args: argparse.Namespace) -> tuple[str, Monitor | None] | None:
+    """The series the rules prune and its monitor, checked before anything changes (None: nothing to prune)."""
+    where = found.store.where()
+    if found.name is not None:
+        raise _Usage(f"retention rules prune a folder of checkpoints, and {args.dir} is one checkpoint ("
+                     f"{found.name}). Pass its folder, {where}, to prune the series it belongs to. "
+                     f"Received: {args.dir}")
     series = sorted({c.manifest.series for c in found.checkpoints})
     if not series:
-        return [], []
-    where = found.store.where()
+        return None
     if args.series is None and len(series) > 1:
         raise _Usage(f"{where} holds {len(series)} series, so --series must pick the one to prune. "
                      f"Available: {', '.join(series)}. Received: --series None")
@@ -81,7 +85,12 @@ def _retention(found: Found, args: argparse.Namespace, rules: tuple[Rule, ...]) 
         raise _Usage(f"--keep-best ranks checkpoints by their monitored metric, but series '{chosen}' in {where} "
                      "recorded none. Use the other rules. Received: --keep-best "
                      f"{args.keep_best}")
-    monitor = Monitor(recorded[-1].name, recorded[-1].mode) if recorded else None
+    return chosen, (Monitor(recorded[-1].name, recorded[-1].mode) if recorded else None)
+
+
+def _retention(found: Found, args: argparse.Namespace, rules: tuple[Rule, ...], chosen: str,
+               monitor: Monitor | None) -> tuple[list[Action], list[str]]:
+    """What the rules delete in the chosen series (or would, with ``--dry-run``), and the limits not met."""
     mgr = CheckpointManager(found.store.url, monitor=monitor, series=chosen, recover=not args.dry_run)
     sizes = {c.name: c.size for c in found.checkpoints}
     with warnings.catch_warnings(record=True) as caught:
@@ -100,10 +109,11 @@ def _gc(args: argparse.Namespace) -> int:
         return USAGE
     try:
         rules = _rules(args)
+        target = _choose(found, args) if rules else None  # bad input is refused before anything changes
         actions = _cleanup(found.store, args.dry_run)
         problems: list[str] = []
-        if rules:
-            deleted, problems = _retention(find(found.store), args, rules)
+        if target is not None:
+            deleted, problems = _retention(find(found.store), args, rules, *target)
             actions += deleted
     except _Usage as e:
         print(f"keepbest gc: {e}", file=sys.stderr)
@@ -139,7 +149,7 @@ def _promote(args: argparse.Namespace) -> int:
     try:
         ckpt = mgr.promote(args.version, args.alias)
     except (ValueError, CheckpointNotFoundError) as e:
-        raise SystemExit(f"keepbest promote: {e}") from None
+        raise UsageError(f"keepbest promote: {e}") from None
     if args.json:
         print(json.dumps({"alias": args.alias, "version": ckpt.version, "name": ckpt.name, "epoch": ckpt.epoch,
                           "series": mgr.series}))
@@ -158,7 +168,7 @@ def _demote(args: argparse.Namespace) -> int:
     try:
         mgr.demote(args.alias)
     except KeyError as e:
-        raise SystemExit(f"keepbest demote: {e.args[0]}") from None
+        raise UsageError(f"keepbest demote: {e.args[0]}") from None
     if args.json:
         print(json.dumps({"alias": args.alias, "removed": True, "version": version, "series": mgr.series}))
     else:

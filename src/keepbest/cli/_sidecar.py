@@ -10,6 +10,7 @@ import os
 import sys
 
 from keepbest import store as stores
+from keepbest.cli._common import UsageError
 from keepbest.discovery import find
 
 
@@ -33,7 +34,7 @@ def _resolve(spec: str, what: str) -> object:
     """``module:attr`` or ``path/to/file.py:attr``, imported from the current folder."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"keepbest sidecar: --{what} must be 'module:function' or 'file.py:function'. "
+        raise UsageError(f"keepbest sidecar: --{what} must be 'module:function' or 'file.py:function'. "
                          f"Received: --{what} {spec}")
     try:
         if module_name.endswith(".py"):
@@ -42,13 +43,13 @@ def _resolve(spec: str, what: str) -> object:
             sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
     except (ImportError, OSError) as e:
-        raise SystemExit(f"keepbest sidecar: cannot import {module_name} for --{what}: {e}. Run from the folder "
+        raise UsageError(f"keepbest sidecar: cannot import {module_name} for --{what}: {e}. Run from the folder "
                          f"that holds it, or pass a file path. Received: --{what} {spec}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
         names = ", ".join(n for n in dir(module) if not n.startswith("_"))
-        raise SystemExit(f"keepbest sidecar: {module_name} has no '{attr}' for --{what}. Available: {names}. "
+        raise UsageError(f"keepbest sidecar: {module_name} has no '{attr}' for --{what}. Available: {names}. "
                          f"Received: --{what} {spec}") from None
 
 

@@ -48,8 +48,8 @@ def export_keras(source: Checkpoint, to: str, storage_options: Mapping[str, Any]
         progress(exported.size)
     try:
         _check_loads_back(model, exported, kind)
-    except CorruptCheckpointError:
-        store.delete(exported.manifest)
+    except BaseException:  # whatever failed, an export that did not load back must not stay visible
+        exporting.withdraw(store, exported.manifest)
         raise
     return exported
 

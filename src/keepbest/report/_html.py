@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections import Counter
+import re
 from html import escape
 from typing import Sequence
 
@@ -36,6 +37,11 @@ svg{display:block;background:#fff}.frame{fill:#fbfcfd;stroke:#c5ccd5}.tick{font-
 margin-right:4px;border-radius:5px;vertical-align:-1px}
 """
 
+
+
+def _id_safe(text: str) -> str:
+    """A metric name as part of a DOM id: what a name may hold (quotes, spaces, markup) never reaches the page."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 def _when(t: float | None) -> str:
     if not t:
@@ -84,7 +90,7 @@ def _metric_charts(series: SeriesReport, suffix: str) -> str:
         lines = [("train", f"training {name}", [s.metrics.get(name) for s in series.saves])] if name in training else []
         lines += [("eval", f"{who} {name}", [s.evaluations.get(who, {}).get(name) for s in series.saves])
                   for who, k in evaluated if k == name]
-        out.append(f"<h3>{escape(name)}</h3>" + lines_chart(series, name, lines, f"metric-{name}{suffix}"))
+        out.append(f"<h3>{escape(name)}</h3>" + lines_chart(series, name, lines, f"metric-{_id_safe(name)}{suffix}"))
     if not out:
         return '<p class="muted">No metrics were recorded.</p>'
     return _legend([("#2f6db5", "training (at save time)"), ("#c2410c", "sidecar evaluation (dashed)")]) + "".join(out)

@@ -191,7 +191,7 @@ def lines_chart(series: SeriesReport, ylabel: str, lines: Sequence[tuple[str, st
             body += [f'<circle class="{css} dot" cx="{frame.px(xs[i]):.1f}" cy="{frame.py(values[i]):.1f}" r="2.5">'
                      f'<title>{escape(label)} {number(values[i])} at {series.axis} {number(xs[i])}</title></circle>'
                      for i in idx]
-    return f'<div class="chart" id="{chart_id}">{svg("".join(body), ylabel, height)}</div>'
+    return f'<div class="chart" id="{escape(chart_id)}">{svg("".join(body), ylabel, height)}</div>'
 
 
 def bytes_chart(series: SeriesReport, chart_id: str, height: int = 200) -> str:
@@ -219,4 +219,4 @@ def bytes_chart(series: SeriesReport, chart_id: str, height: int = 200) -> str:
     body = [frame.axes("saves, oldest first", "bytes"),
             f'<path class="written-bars" stroke-width="{width:.1f}" d="{"".join(written) or "M0 0"}"/>',
             f'<path class="reused-bars" stroke-width="{width:.1f}" d="{"".join(reused) or "M0 0"}"/>']
-    return f'<div class="chart" id="{chart_id}">{svg("".join(body), "bytes per save", height)}</div>'
+    return f'<div class="chart" id="{escape(chart_id)}">{svg("".join(body), "bytes per save", height)}</div>'
