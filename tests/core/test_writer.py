@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keepbest.errors import AsyncSaveError
-from keepbest.writer import AsyncWriter, Staging
+from keepbest.writer import AsyncWriter, Staging, copy_all, host_buffer
 
 
 @pytest.fixture
@@ -218,3 +218,31 @@ def test_snapshot_frees_buffers_of_tensors_it_no_longer_holds():
 def test_snapshot_keeps_files_apart():
     snap = Staging().snapshot({"model": {"w": np.zeros(1)}, "optimizer": {"w": np.ones(1)}})
     assert (snap["model"]["w"].tolist(), snap["optimizer"]["w"].tolist()) == ([0.0], [1.0])
+
+
+def test_snapshot_counts_the_buffers_it_allocates():
+    staging = Staging()
+    for _ in range(3):
+        staging.snapshot({"f": {"a": np.zeros(10), "b": np.ones((2, 2), np.float32)}})
+    assert staging.allocations == 2
+    staging.snapshot({"f": {"a": np.zeros(11)}})
+    assert staging.allocations == 3
+
+
+def test_copy_all_copies_large_arrays_in_chunks_exactly():
+    rng = np.random.default_rng(0)
+    # 3 x 12 MB (chunked across threads, one of odd length), a strided view and a small one, as pairs
+    sources = [rng.standard_normal(1_500_001).astype(np.float64), rng.integers(0, 255, 12_000_003, np.uint8),
+               rng.standard_normal((3000, 1000)).astype(np.float32), rng.standard_normal((400, 300))[:, ::3],
+               np.arange(5, dtype=np.int16)]
+    targets = [np.full(s.shape, 7, s.dtype) for s in sources]
+    copy_all(list(zip(targets, sources)))
+    for t, s in zip(targets, sources):
+        assert t.dtype == s.dtype and np.array_equal(t, s)
+
+
+def test_large_host_buffers_are_writable_arrays_of_the_requested_shape():
+    for shape, dtype in (((3, 1 << 20), np.float32), ((7,), np.int64), ((1024, 1024, 3), np.uint8)):
+        buf = host_buffer(shape, np.dtype(dtype))
+        buf[...] = 1
+        assert buf.shape == shape and buf.dtype == dtype and buf.flags.writeable and int(buf.sum()) == buf.size

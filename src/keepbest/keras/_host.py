@@ -5,6 +5,9 @@
   training loop is paused, which holds for a synchronous save.
 - ``copy_into``: fills a preallocated buffer (a snapshot for an async
   save): one memcpy on CPU; torch copies straight from the device.
+  :class:`Copier` does a whole snapshot's copies at once: every
+  device-to-host transfer started first, then the host copies spread over
+  every core.
 - ``assign``: sets a variable from a (memory-mapped) array with one copy;
   Keras's ``Variable.assign`` on torch copies twice (``np.array`` first).
 - ``local_parts``: with several JAX processes, what this process holds of a
@@ -23,6 +26,7 @@ import keras
 import numpy as np
 
 from keepbest import codec
+from keepbest.writer import copy_all
 
 _BACKEND = keras.backend.backend()
 
@@ -95,6 +99,35 @@ def copy_into(dst: np.ndarray, variable: Any) -> None:
             torch.from_numpy(dst).copy_(value.detach())  # also device-to-host, without a staging tensor
             return
     np.copyto(dst, view(variable), casting="no")
+
+
+class Copier:
+    """Collects ``(buffer, variable)`` copies during :meth:`keepbest.writer.Staging.snapshot`; :meth:`run`
+    then starts every device-to-host transfer, and copies what is on the host in chunks on every core.
+
+    Why copy on JAX, where a zero-copy view would return at once (what Orbax does on CPU): a view held
+    while the write runs keeps the next (donating) train step from reusing the variables' buffers, so
+    XLA allocates fresh ones and faults in the whole state, which blocks training longer than one copy
+    into reused buffers (benchmarks/RESULTS.md measures both).
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[np.ndarray, Any]] = []
+
+    def __call__(self, dst: np.ndarray, variable: Any) -> None:
+        self.jobs.append((dst, variable))
+
+    def run(self) -> None:
+        prefetch(v for _, v in self.jobs)
+        pairs = []
+        for dst, variable in self.jobs:
+            if _BACKEND == "torch" and isinstance(variable, keras.Variable) and (
+                    variable.value.device.type != "cpu" or dst.dtype.kind not in "fiub"):
+                copy_into(dst, variable)  # straight from the device, or a dtype NumPy views differently
+            else:
+                pairs.append((dst, view(variable)))
+        copy_all(pairs)
+        self.jobs.clear()
 
 
 def prefetch(variables: Any) -> None:

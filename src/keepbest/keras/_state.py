@@ -101,8 +101,10 @@ def host_tensors(variables: dict[str, dict[str, Any]], staging: Staging | None =
                 pieces.setdefault(fname, {})[path] = whole
     if staging is None:
         return HostTensors({f: {p: _host.view(v) for p, v in vs.items()} for f, vs in sources.items()}, pieces, known)
-    _host.prefetch(v for vs in sources.values() for v in vs.values())
-    return HostTensors(staging.snapshot(sources, spec=_host.spec, copy=_host.copy_into), pieces, known)
+    copier = _host.Copier()
+    tensors = staging.snapshot(sources, spec=_host.spec, copy=copier)
+    copier.run()
+    return HostTensors(tensors, pieces, known)
 
 
 def order_metadata(variables: Sequence[Any]) -> dict[str, str]:

@@ -14,15 +14,14 @@ bfloat16 and float8 have no NumPy dtype of their own; they travel as
 
 from __future__ import annotations
 
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
 from keepbest import codec
+from keepbest.writer import copy_all
 
 _EXOTIC: dict[torch.dtype, tuple[str, torch.dtype, type[np.integer[Any]]]] = {
     torch.bfloat16: ("bfloat16", torch.int16, np.int16)}
@@ -80,11 +79,6 @@ def copy_into(dst: np.ndarray, t: torch.Tensor) -> None:
     _as_torch(dst, t.dtype).copy_(t.detach(), non_blocking=t.device.type == "cuda")
 
 
-_CHUNK = 16 << 20  # bytes per copy job: small enough to spread one large tensor over every core
-_PARALLEL_MIN = 8 << 20  # below this, threads cost more than they save
-_pool: ThreadPoolExecutor | None = None
-
-
 class Copier:
     """Collects ``(buffer, tensor)`` copies during :meth:`keepbest.writer.Staging.snapshot`, then :meth:`run` does
     them on every core: the CPU copies in chunks with NumPy (which releases the GIL), a CUDA tensor's with one
@@ -105,23 +99,6 @@ class Copier:
                 pairs.append((dst, view(t)))
         copy_all(pairs)
         synchronize(t for _, t in self.jobs)
-
-
-def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """``np.copyto(dst, src)`` for each pair of C-contiguous arrays, in chunks spread over every core."""
-    chunks: list[tuple[np.ndarray, np.ndarray]] = []
-    for dst, src in pairs:
-        d, s = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
-        chunks.extend((d[i:i + _CHUNK], s[i:i + _CHUNK]) for i in range(0, d.size, _CHUNK))
-    workers = min(os.cpu_count() or 1, 8)
-    if sum(c[0].size for c in chunks) < _PARALLEL_MIN or workers == 1:
-        for d, s in chunks:
-            np.copyto(d, s)
-        return
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(workers, thread_name_prefix="keepbest-copy")
-    list(_pool.map(lambda c: np.copyto(c[0], c[1]), chunks))
 
 
 def owned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
