@@ -103,7 +103,8 @@ class AsyncWriter:
         with self._lock:
             self.wait()
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepbest-writer")
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepbest-writer",
+                                                    initializer=_yield_to_training)
             handle: SaveHandle[T] = SaveHandle(description, self._executor.submit(job))
             self._last = handle
             return handle
@@ -144,6 +145,24 @@ class AsyncWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+WRITER_NICENESS = 10
+"""How much lower than training the writer thread runs (Linux ``nice``): where both want the CPU (training
+on the CPU, or a busy input pipeline), training gets about nine tenths of it; the writer still has all
+that is idle. Measured on JAX, 3 GB of state, 2 cores: the three train steps after a save took 1.3 s
+longer at the same priority, 0.2 s longer with this."""
+
+
+def _yield_to_training() -> None:
+    """Lowers the calling thread's CPU priority (Linux: a thread id names one thread; threads it starts,
+    such as BLAKE3's, inherit it). Elsewhere nothing changes."""
+    if sys.platform.startswith("linux"):
+        try:
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
+        except OSError:  # a sandbox may forbid it: the writer then runs as before
+            pass
 
 
 class Staging:

@@ -246,3 +246,15 @@ def test_large_host_buffers_are_writable_arrays_of_the_requested_shape():
         buf = host_buffer(shape, np.dtype(dtype))
         buf[...] = 1
         assert buf.shape == shape and buf.dtype == dtype and buf.flags.writeable and int(buf.sum()) == buf.size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
+def test_the_writer_thread_runs_at_a_lower_priority_than_training(writer):
+    import os
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    here = niceness()
+    assert writer.submit("nice", niceness).result() == min(here + 10, 19)
+    assert niceness() == here  # the caller's own priority is untouched
