@@ -1,7 +1,7 @@
 """Variables to host memory, each backend its fastest way.
 
 - ``view``: a NumPy array with the variable's current value, without a copy
-  where the backend allows one (JAX and torch on CPU). Only valid while the
+  where the backend allows one (JAX, torch and TensorFlow on CPU). Only valid while the
   training loop is paused, which holds for a synchronous save.
 - ``copy_into``: fills a preallocated buffer (a snapshot for an async
   save): one memcpy on CPU; torch copies straight from the device.
@@ -87,6 +87,9 @@ def view(variable: Any) -> np.ndarray:
 
         if value.device.type == "cpu" and value.dtype != torch.bfloat16:
             return value.detach().numpy()  # type: ignore[no-any-return]
+    if _BACKEND == "tensorflow" and value.dtype.name != "bfloat16" and "GPU" not in value.device.upper():
+        # A view of the variable's read tensor (Variable.numpy, Tensor.numpy and convert_to_numpy copy).
+        return np.asarray(value.value() if hasattr(value, "read_value") else value)
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
