@@ -14,6 +14,7 @@ from keepbest.policy import (
     batches_advanced,
     best_candidate,
     epoch_is_due,
+    is_last_due,
     resolve_mode,
     retained,
 )
@@ -195,6 +196,22 @@ def test_batches_advanced_counts_from_index_difference(last_seen, batch, expecte
 )
 def test_epoch_is_due_every_n_epochs(epoch, every, expected):
     assert epoch_is_due(epoch, every) is expected
+
+
+@pytest.mark.parametrize(
+    ("epoch", "batch", "epochs", "steps", "save_freq", "every", "expected"),
+    [
+        (4, None, 5, 6, "epoch", 1, True), (3, None, 5, 6, "epoch", 1, False),
+        (5, None, 7, 6, "epoch", 2, True),  # due at epochs 2, 4, 6 (1-based): epoch 6 is the last due
+        (3, None, 7, 6, "epoch", 2, False), (0, None, None, 6, "epoch", 1, False),
+        # 6 batches per epoch, a save every 2: due after batches 2, 4, 6 of the last epoch
+        (1, 5, 2, 6, 2, 1, True), (1, 3, 2, 6, 2, 1, False), (0, 5, 2, 6, 2, 1, False),
+        (1, 3, 2, 6, 3, 1, True),  # the next would be due after batch 7 of 6
+        (1, 5, 2, None, 2, 1, False),  # steps unknown: a later save may come
+    ],
+)
+def test_is_last_due_when_no_later_save_falls_due(epoch, batch, epochs, steps, save_freq, every, expected):
+    assert is_last_due(epoch, batch, epochs=epochs, steps=steps, save_freq=save_freq, every=every) is expected
 
 
 # --- retention ------------------------------------------------------------------------

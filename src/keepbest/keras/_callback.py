@@ -22,7 +22,8 @@ from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
 from keepbest.publishing import Publisher, PublishQueue
-from keepbest.policy import Monitor, Rule, batches_advanced, check_mode, epoch_is_due, resolve_mode, rules_from
+from keepbest.policy import (Monitor, Rule, batches_advanced, check_mode, epoch_is_due, is_last_due, resolve_mode,
+                             rules_from)
 from keepbest.writer import AsyncWriter, SaveHandle
 
 try:  # Keras's own printer honours keras.config.disable_interactive_logging()
@@ -33,7 +34,7 @@ except ImportError:  # pragma: no cover - a future Keras moved it
 
 _ARGS = ("filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
          "save_freq", "initial_value_threshold", "keep_last", "keep_best", "keep_every", "keep_period", "max_bytes",
-         "keep", "min_delta", "async_save", "publishers")
+         "keep", "min_delta", "async_save", "when_behind", "publishers")
 _LEGACY = ("period", "options", "load_weights_on_restart")
 
 
@@ -78,6 +79,15 @@ class ModelCheckpoint(keras.callbacks.Callback):
             are still written on the training thread (Keras's writers read the
             live model); only their fsync, hashing and commit move to the
             background.
+        when_behind: with ``async_save=True``, what a save does when the
+            previous one is still being written. ``"wait"`` (the default):
+            it waits for it, blocking training until the disk catches up.
+            ``"skip"``: it is skipped and training goes on (a warning at the
+            first skip, a count when ``fit`` ends). A save that improves
+            ``monitor`` (by ``mode`` and ``min_delta``), one at an epoch end
+            whose logs lack ``monitor``, and the last save of ``fit`` are
+            never skipped: they wait. A skipped save is made when ``fit``
+            ends right after it (stopped early).
         storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
             ``key``, ``secret``, ...); without them the AWS environment is used.
         coordinator: how the processes of a multi-process job reach each other.
@@ -99,7 +109,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                  keep_last: int | None = None, keep_best: int | None = None, keep_every: int | None = None,
                  keep_period: float | None = None, max_bytes: int | str | None = None, keep: Sequence[Rule] = (),
                  min_delta: float = 0.0,
-                 async_save: bool = False, publishers: Sequence[Publisher] = (),
+                 async_save: bool = False, when_behind: str = "wait", publishers: Sequence[Publisher] = (),
                  storage_options: Mapping[str, Any] | None = None, coordinator: Coordinator | None = None,
                  **kwargs: Any) -> None:
         super().__init__()
@@ -170,6 +180,16 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if not isinstance(async_save, bool):
             raise TypeError(f"`async_save` must be True or False. Received: async_save={async_save!r}")
         self.async_save = async_save
+        if not isinstance(when_behind, str) or when_behind not in ("wait", "skip"):
+            raise ValueError("`when_behind` must be 'wait' (a save waits for the previous one to be written) or 'skip' "
+                             "(a save due while the previous one is still being written is skipped). "
+                             f"Received: when_behind={when_behind!r}")
+        if when_behind == "skip" and not async_save:
+            raise ValueError("when_behind='skip' needs async_save=True: only a save written in the background can "
+                             "still be in progress when the next one is due (without it, each save is written before "
+                             "training goes on). Pass async_save=True, or leave when_behind='wait'. "
+                             f"Received: when_behind='skip', async_save={async_save!r}")
+        self.when_behind = when_behind
         self._writer = AsyncWriter()  # shared by every folder this callback saves into: one save in flight
         self._publish = PublishQueue(list(publishers)) if publishers else None
         self._pending: tuple[SaveHandle[Any], int, str] | None = None
@@ -183,12 +203,19 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = 0
         self._warned_absent = False
         self._seen: tuple[int, int] | None = None  # (epoch, batch) of the last batch end handled
+        # when_behind="skip": the best monitor value among the saves made (whatever save_best_only decides),
+        # the due saves and the skipped ones of this fit, and the latest due save if it was skipped.
+        self._saved_best: float | None = None
+        self._due = self._skipped = 0
+        self._skipped_last: tuple[int, int | None, dict[str, Any]] | None = None
         _live.add(self)
 
     # -- Keras hooks --------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = None
+        self._due = self._skipped = 0
+        self._skipped_last = None
         self._check_single_writer()
         _resume.register(self.model, self)  # a keepbest BackupAndRestore records and restores our state
         root = self._static_root()
@@ -235,6 +262,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if _resume.replaying(self.model, self.resume_key()):
             return  # a batch trained before the restart, skipped by BackupAndRestore
         self._seen = (self._current_epoch, batch)
+        self._skipped_last = None  # a step was taken: a save skipped before it would no longer save what was due
         self._poll()
         if not self._monitor_checked:
             self._check_monitor(logs or {}, final=False)
@@ -255,9 +283,16 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
-            self._writer.close()  # the last save commits (or its failure is raised) before fit returns
+            if self._skipped_last is not None:  # no step since the latest due save was skipped: make it now
+                (epoch, batch, saved_logs), self._skipped_last = self._skipped_last, None
+                self._skipped -= 1
+                self._save_model(epoch=epoch, batch=batch, logs=saved_logs, may_skip=False)
+            self._report_skipped()
         finally:
-            self._poll()
+            try:
+                self._writer.close()  # the last save commits (or its failure is raised) before fit returns
+            finally:
+                self._poll()
         for mgr in self._managers.values():
             if mgr.exists():
                 mgr.mark_training_end()  # a sidecar evaluator stops once it has evaluated what is there
@@ -343,6 +378,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         rec = self._recovered
         if rec is not None and rec.monitor is not None and rec.monitor.mode == mode:
             self.best = self._monitor.better(self.best, rec.monitor_value)
+            self._saved_best = self._monitor.better(self._saved_best, rec.monitor_value)
 
     def _direction(self) -> str | None:
         """The metric's declared direction, found as Keras finds it (``_direction``)."""
@@ -427,26 +463,36 @@ class ModelCheckpoint(keras.callbacks.Callback):
             _print_msg(f"\nEpoch {epoch + 1}: {self.monitor} is not available, skipping: the best "
                        "checkpoint is kept")
 
-    def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
+    def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None, may_skip: bool = True) -> None:
         logs = logs or {}
-        # With several processes, process 0 decides (whether, where, the best so far) and the others follow.
+        # With several processes, process 0 decides (whether, where, whether to skip, the best so far) and the
+        # others follow: every process then skips the same saves.
         if self._decisions is None:
-            filepath = self._decide(epoch, batch, logs)
+            filepath, skipped = self._decide(epoch, batch, logs, may_skip)
         else:
             about = f"the save decision of epoch {epoch + 1}"
             try:
-                filepath = self._decide(epoch, batch, logs) if self._committer else None
+                filepath, skipped = self._decide(epoch, batch, logs, may_skip) if self._committer else (None, False)
             except BaseException as e:  # the others wait for the decision: tell them why there is none
                 self._decisions.broadcast("save", {"error": f"{type(e).__name__}: {e}"}, about=about)
                 raise
             best = None if self.best is None else repr(float(self.best))  # (JSON has no inf)
-            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": best}, about=about)
+            shared = self._decisions.broadcast("save", {"filepath": filepath, "best": best, "skipped": skipped},
+                                               about=about)
             if "error" in shared:
                 raise CoordinationError(f"ModelCheckpoint cannot save at epoch {epoch + 1}: process 0 failed to decide: "
                                         f"{shared['error']}. Received: the error of process 0")
             filepath, self.best = shared["filepath"], None if shared["best"] is None else float(shared["best"])
+            skipped = bool(shared.get("skipped"))
+        if may_skip:
+            self._due += 1 if filepath is not None or skipped else 0
+            self._skipped += 1 if skipped else 0
+            self._skipped_last = (epoch, batch, dict(logs)) if skipped else None
         if filepath is None:
             return
+        value = _scalar(logs.get(self.monitor))
+        if self._monitor is not None and self._monitor.is_improvement(value, self._saved_best):
+            self._saved_best = value  # (Keras's rule, as for self.best: only an improvement moves it)
         target = self._target(filepath)
         name = os.path.basename(target)
         mgr = self._configured(_dirname(target))
@@ -479,13 +525,65 @@ class ModelCheckpoint(keras.callbacks.Callback):
         mgr.keep = self._keep if self._monitor else tuple(r for r in self._keep if not r.needs_monitor)
         return mgr
 
-    def _decide(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str | None:
-        """The filepath to save to now, or None (Keras's rules, and never over the recorded best)."""
+    def _decide(self, epoch: int, batch: int | None, logs: dict[str, Any], may_skip: bool) -> tuple[str | None, bool]:
+        """The filepath to save to now, or None (Keras's rules, and never over the recorded best); and whether
+        this due save is skipped because the writer is behind (when_behind="skip")."""
         filepath = self._get_file_path(epoch, batch, logs)
         target = self._target(filepath)
         if self._would_overwrite_best(self._configured(_dirname(target)), os.path.basename(target), logs):
-            return None
-        return filepath if self._should_save_model(epoch, batch, logs, filepath) else None
+            return None, False
+        if may_skip and self._skippable(epoch, batch, logs):
+            self._report_skip(epoch, filepath)
+            return None, True
+        return (filepath if self._should_save_model(epoch, batch, logs, filepath) else None), False
+
+    def _skippable(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> bool:
+        """when_behind="skip": the previous save is still being written, and skipping this one loses no best
+        and not the last save of fit.
+
+        With save_best_only every save is a new best, so none is skipped. A save is a candidate for best when
+        its logs hold the monitor and it improves on the best saved so far (mode, min_delta); one whose logs
+        lack the monitor is waited for at an epoch end (validation_freq skipped validation), but skipped at a
+        batch end, where the monitor is absent every time (a val_ metric): its checkpoint would carry no value
+        to rank. With a monitor that ranks nothing (unresolved), no save can be the best.
+        """
+        if self.when_behind != "skip" or self.save_best_only or self._writer.in_flight is None:
+            return False
+        params = self.params or {}
+        if is_last_due(epoch, batch, epochs=params.get("epochs"), steps=params.get("steps"),
+                       save_freq=self.save_freq, every=self._epoch_period):
+            return False
+        if self._monitor is None:
+            return True
+        if self.monitor not in logs:
+            return batch is not None
+        return not self._monitor.is_improvement(_scalar(logs[self.monitor]), self._saved_best)
+
+    def _report_skip(self, epoch: int, filepath: str) -> None:
+        if self._skipped == 0:
+            in_flight = self._writer.in_flight
+            previous = in_flight.description if in_flight is not None else "the previous save"
+            warnings.warn(
+                f"ModelCheckpoint: skipped the save of epoch {epoch + 1} to {filepath}: {previous} is still being "
+                "written (when_behind='skip'), so the disk takes longer per save than training between saves. "
+                f"Saves that improve {self.monitor} and the last save of fit are never skipped; fit ends with a "
+                "count. To skip none, save less often (a larger save_freq) or to a faster disk, or pass "
+                "when_behind='wait' to wait for it. (Shown once per fit.)", UserWarning, stacklevel=4)
+        if self.verbose > 0:
+            _print_msg(f"\nEpoch {epoch + 1}: skipping the save to {filepath}: the previous save is still being "
+                       "written (when_behind='skip')")
+
+    def _report_skipped(self) -> None:
+        """The count of skipped saves, when fit ends (on process 0, which decided them)."""
+        if self._skipped == 0 or not self._committer:
+            return
+        message = (f"ModelCheckpoint skipped {self._skipped} of {self._due} saves of this fit (when_behind='skip'): "
+                   "each was due while the previous save was still being written. The saves that improved "
+                   f"{self.monitor} and the last one were made. To skip fewer, save less often (a larger "
+                   "save_freq) or to a faster disk.")
+        warnings.warn(message, UserWarning, stacklevel=3)
+        if self.verbose > 0:
+            _print_msg(f"\n{message}")
 
     def _would_overwrite_best(self, mgr: CheckpointManager, name: str, logs: dict[str, Any]) -> bool:
         """True (with a warning) when a templated name comes round again on the recorded best.
@@ -546,6 +644,11 @@ def _legacy_kwargs(kwargs: dict[str, Any]) -> tuple[int, bool]:
     warnings.warn("`period` argument is deprecated. Please use `save_freq` to specify the frequency "
                   f"in number of batches seen. Saving every {period} epochs.", FutureWarning, stacklevel=3)
     return period, load_on_restart
+
+
+def _scalar(value: Any) -> float | None:
+    """A logged value as a float, or None when it is missing, not a number or not a scalar."""
+    return float(value) if value is not None and np.ndim(value) == 0 and _is_number(value) else None
 
 
 def _is_number(value: Any) -> bool:

@@ -39,8 +39,8 @@ from keepbest.policy._sizes import format_size, parse_size
 __all__ = [
     "MODES", "Candidate", "KeepBest", "KeepEvery", "KeepLast", "KeepPeriod", "KeepRule", "Limit", "MaxBytes",
     "Monitor", "Plan", "Rule", "Trim", "batches_advanced", "best_candidate", "check_mode", "check_rules", "describe",
-    "doomed", "epoch_is_due", "format_size", "is_finite_number", "parse_size", "plan", "resolve_mode", "retained",
-    "rules_from",
+    "doomed", "epoch_is_due", "format_size", "is_finite_number", "is_last_due", "parse_size", "plan", "resolve_mode",
+    "retained", "rules_from",
 ]
 
 MODES = ("auto", "min", "max")
@@ -146,3 +146,19 @@ def batches_advanced(last_seen: int | None, batch: int) -> int:
 def epoch_is_due(epoch: int, every: int) -> bool:
     """Every ``every`` epochs, with 0-based ``epoch`` (epochs every, 2*every, ...)."""
     return (epoch + 1) % every == 0
+
+
+def is_last_due(epoch: int, batch: int | None, *, epochs: int | None, steps: int | None,
+                save_freq: str | int, every: int = 1) -> bool:
+    """True when no later save falls due in this run after the one due now (0-based ``epoch``/``batch``).
+
+    ``save_freq`` is ``"epoch"`` (saves every ``every`` epochs) or a number of
+    batches (the count restarts at this save); ``epochs`` is the run's number of
+    epochs and ``steps`` its batches per epoch, None where unknown (then False:
+    a later save may come).
+    """
+    if epochs is None:
+        return False
+    if save_freq == "epoch":
+        return epoch + every >= epochs
+    return epoch >= epochs - 1 and steps is not None and batch is not None and batch + int(save_freq) >= steps
