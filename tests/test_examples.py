@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [ROOT / "examples" / "demo.py", ROOT / "examples" / "multiprocess.py",
            ROOT / "examples" / "torch_demo.py", ROOT / "examples" / "lightning_demo.py",
            ROOT / "benchmarks" / "checkpoint_speed.py", ROOT / "benchmarks" / "s3_speed.py",
-           ROOT / "benchmarks" / "multiprocess_speed.py", ROOT / "benchmarks" / "torch_speed.py"]
+           ROOT / "benchmarks" / "multiprocess_speed.py", ROOT / "benchmarks" / "torch_speed.py",
+           ROOT / "benchmarks" / "sidecar_latency.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
