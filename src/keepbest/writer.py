@@ -222,6 +222,23 @@ class Staging:
             del self._buffers[key]
         return out
 
+    def reserve(self, specs: Mapping[str, Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]],
+                allocate: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray] | None = None) -> None:
+        """Allocates the buffers a snapshot of ``{file: {tensor: (shape, dtype)}}`` will fill, and faults
+        their pages in, so that the first snapshot costs one copy too. Meant for the writer thread, before
+        the first save (``AsyncWriter.submit``): the snapshot waits for it like for any save in flight."""
+        for fname, tensors in specs.items():
+            for name, (shape, dtype) in tensors.items():
+                key = f"{fname}\0{name}"
+                buf = self._buffers.get(key)
+                if buf is not None and buf.shape == tuple(shape) and buf.dtype == dtype:
+                    continue
+                buf = (allocate or host_buffer)(tuple(shape), dtype)
+                if buf.flags.c_contiguous:
+                    buf.reshape(-1).view(np.uint8)[::4096] = 0  # one write per page faults it in
+                self._buffers[key] = buf
+                self.allocations += 1
+
     def release(self) -> None:
         self._buffers.clear()
 

@@ -7,6 +7,8 @@ import tracemalloc
 import keras
 import numpy as np
 
+import keepbest.keras
+
 from keepbest.keras import ModelCheckpoint, _host
 from keepbest.keras._state import model_tensors, saved_variables
 from keepbest.writer import Staging
@@ -56,3 +58,31 @@ def test_async_saves_during_fit_allocate_staging_once(tmp_path):
     model.fit(x, x, epochs=4, batch_size=8, verbose=0, callbacks=[cb])
     count = sum(len(vs) for vs in saved_variables(model).values())
     assert cb._writer.staging.allocations == count
+
+
+def test_the_snapshot_buffers_are_prepared_at_train_begin_so_the_first_save_allocates_none(tmp_path):
+    model = _model()
+    _step(model, 0)
+    cb = ModelCheckpoint(str(tmp_path / "ckpt"), monitor="loss", async_save=True)
+    cb.set_model(model)
+    cb.on_train_begin()
+    cb.wait()  # the buffers are prepared on the writer thread
+    count = sum(len(vs) for vs in saved_variables(model).values())
+    assert cb._writer.staging.allocations == count
+    cb.on_epoch_end(0, {"loss": 1.0})
+    cb.on_epoch_end(1, {"loss": 0.5})
+    cb.on_train_end()
+    assert cb._writer.staging.allocations == count
+    restored = _model()
+    _step(restored, 9)
+    keepbest.keras.load_weights(restored, str(tmp_path / "ckpt"))
+    for a, b in zip(restored.weights + restored.optimizer.variables, model.weights + model.optimizer.variables):
+        assert np.array_equal(_host.view(a), _host.view(b))
+
+
+def test_reserve_allocates_what_a_snapshot_needs_and_faults_it_in():
+    staging = Staging()
+    staging.reserve({"f": {"w": ((1 << 20,), np.dtype(np.float32)), "b": ((3,), np.dtype(np.int8))}})
+    assert staging.allocations == 2 and staging.nbytes == (4 << 20) + 3
+    snap = staging.snapshot({"f": {"w": np.ones(1 << 20, np.float32), "b": np.arange(3, dtype=np.int8)}})
+    assert staging.allocations == 2 and snap["f"]["w"].sum() == 1 << 20 and snap["f"]["b"].tolist() == [0, 1, 2]

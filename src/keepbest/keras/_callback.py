@@ -17,7 +17,7 @@ import numpy as np
 from keepbest import store as stores
 from keepbest.errors import CoordinationError, MonitorError
 from keepbest.distributed import Coordinator
-from keepbest.keras import _coordination, _formats, _host, _resume
+from keepbest.keras import _coordination, _formats, _host, _resume, _state
 from keepbest.keras._loading import load_weights
 from keepbest.manager import CheckpointManager
 from keepbest.manifest import Manifest
@@ -208,6 +208,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._saved_best: float | None = None
         self._due = self._skipped = 0
         self._skipped_last: tuple[int, int | None, dict[str, Any]] | None = None
+        self._reserving: SaveHandle[None] | None = None
         _live.add(self)
 
     # -- Keras hooks --------------------------------------------------------------------
@@ -222,6 +223,10 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if root is not None and self._manager(root).exists():
             self._manager(root).clear_training_end()  # a sidecar evaluator waits for this run's checkpoints
         self._resume()
+        if self.async_save and not _formats.is_keras_file(self.format) and self.model.weights:
+            # The snapshot buffers are allocated and faulted in during the first epoch, on the writer thread.
+            specs, staging = _state.staging_specs(self.model), self._writer.staging
+            self._reserving = self._writer.submit("preparing the snapshot buffers", lambda: staging.reserve(specs))
 
     def _check_single_writer(self) -> None:
         """Two ModelCheckpoints of one fit on one filepath would prune each other's checkpoints."""
@@ -547,8 +552,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
         batch end, where the monitor is absent every time (a val_ metric): its checkpoint would carry no value
         to rank. With a monitor that ranks nothing (unresolved), no save can be the best.
         """
-        if self.when_behind != "skip" or self.save_best_only or self._writer.in_flight is None:
-            return False
+        in_flight = self._writer.in_flight
+        if self.when_behind != "skip" or self.save_best_only or in_flight is None or in_flight is self._reserving:
+            return False  # (buffers still being prepared are not a save to catch up with)
         params = self.params or {}
         if is_last_due(epoch, batch, epochs=params.get("epochs"), steps=params.get("steps"),
                        save_freq=self.save_freq, every=self._epoch_period):

@@ -107,6 +107,17 @@ def host_tensors(variables: dict[str, dict[str, Any]], staging: Staging | None =
     return HostTensors(tensors, pieces, known)
 
 
+def staging_specs(model: keras.Model) -> dict[str, dict[str, tuple[tuple[int, ...], np.dtype[Any]]]]:
+    """What :func:`model_tensors` copies into staging, as ``{file: {tensor name: (shape, dtype)}}``."""
+    out: dict[str, dict[str, tuple[tuple[int, ...], np.dtype[Any]]]] = {}
+    for fname, vs in saved_variables(model).items():
+        out[fname] = {}
+        for path, v in vs.items():
+            for name, src in _host.local_parts(v, path)[0]:
+                out[fname][name] = _host.spec(src)
+    return out
+
+
 def order_metadata(variables: Sequence[Any]) -> dict[str, str]:
     return {ORDER_KEY: json.dumps(unique_paths(variables))}
 
