@@ -147,11 +147,13 @@ class AsyncWriter:
         self.close()
 
 
-WRITER_NICENESS = 10
-"""How much lower than training the writer thread runs (Linux ``nice``): where both want the CPU (training
-on the CPU, or a busy input pipeline), training gets about nine tenths of it; the writer still has all
-that is idle. Measured on JAX, 3 GB of state, 2 cores: the three train steps after a save took 1.3 s
-longer at the same priority, 0.2 s longer with this."""
+WRITER_NICENESS = int(os.environ.get("KEEPBEST_WRITER_NICENESS", "5"))
+"""How much lower than training the writer thread runs (Linux ``nice``; the environment variable
+``KEEPBEST_WRITER_NICENESS`` sets it, 0 to run level with training). Where both want the CPU (training
+on the CPU, or a busy input pipeline), training gets about three quarters of a contended core and the
+writer the rest: the steps taken while a save is written slow down less, and the save still becomes
+durable (at 10, training would get nine tenths, and on a busy CPU a save took several times longer to
+become durable). An idle CPU is the writer's in full either way."""
 
 
 def _yield_to_training() -> None:
@@ -161,8 +163,8 @@ def _yield_to_training() -> None:
         try:
             me = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
-        except OSError:  # a sandbox may forbid it: the writer then runs as before
-            pass
+        except OSError as e:  # a sandbox may forbid it: the writer then runs as before
+            declined["writer priority"] = repr(e)
 
 
 class Staging:
@@ -243,6 +245,10 @@ class Staging:
         self._buffers.clear()
 
 
+declined: dict[str, str] = {}
+"""Speed-ups the system refused (huge pages, the writer's lower priority), with the error: nothing is lost
+without them, and this says why a run is slower."""
+
 _HUGE = 2 << 20  # a transparent huge page on x86-64 Linux
 
 
@@ -256,8 +262,8 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         region.madvise(advice)
-    except OSError:  # huge pages switched off ("never"): ordinary pages, as np.empty gives
-        pass
+    except OSError as e:  # huge pages switched off ("never"): ordinary pages, as np.empty gives
+        declined["huge pages"] = repr(e)
     return np.frombuffer(region, dtype).reshape(shape)  # the array keeps the mapping alive
 
 

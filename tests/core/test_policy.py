@@ -203,11 +203,13 @@ def test_epoch_is_due_every_n_epochs(epoch, every, expected):
     [
         (4, None, 5, 6, "epoch", 1, True), (3, None, 5, 6, "epoch", 1, False),
         (5, None, 7, 6, "epoch", 2, True),  # due at epochs 2, 4, 6 (1-based): epoch 6 is the last due
-        (3, None, 7, 6, "epoch", 2, False), (0, None, None, 6, "epoch", 1, False),
+        (3, None, 7, 6, "epoch", 2, False), (0, None, None, 6, "epoch", 1, True),  # epochs unknown: may be last
         # 6 batches per epoch, a save every 2: due after batches 2, 4, 6 of the last epoch
         (1, 5, 2, 6, 2, 1, True), (1, 3, 2, 6, 2, 1, False), (0, 5, 2, 6, 2, 1, False),
         (1, 3, 2, 6, 3, 1, True),  # the next would be due after batch 7 of 6
-        (1, 5, 2, None, 2, 1, False),  # steps unknown: a later save may come
+        (1, 5, 2, None, 2, 1, True),  # steps unknown: it may be the last, so it is not skipped
+        # save_freq longer than an epoch: 4 epochs of 2 batches, a save every 3 (after batches 3, 6 of 8)
+        (2, 1, 4, 2, 3, 1, True), (0, 0, 4, 2, 3, 1, False),
     ],
 )
 def test_is_last_due_when_no_later_save_falls_due(epoch, batch, epochs, steps, save_freq, every, expected):

@@ -91,7 +91,8 @@ def watched(cb, gate, where):
     real = cb._writer.wait
 
     def wait():
-        if cb._writer.in_flight is not None:
+        in_flight = cb._writer.in_flight
+        if in_flight is not None and in_flight is not cb._reserving:  # (the buffers' reservation is not a save)
             gate.release(where.label)
         real()
 
@@ -111,7 +112,7 @@ def saved(folder):
     return sorted((p.name for p in folder.iterdir() if not p.name.startswith(".")), key=lambda n: (len(n), n))
 
 
-def fit(digits, folder, gate, values, extra=(), prepare=None, **kwargs):
+def fit(digits, folder, gate, values, extra=(), prepare=None, after=(), **kwargs):
     """Trains len(values) epochs (batches of 200) with a checkpoint of every epoch on "score" (min)."""
     x, y = digits
     where = Where()
@@ -122,7 +123,7 @@ def fit(digits, folder, gate, values, extra=(), prepare=None, **kwargs):
         prepare(cb)
     model = make_model()
     model.fit(x, y, epochs=len(values), batch_size=200, verbose=0,
-              callbacks=[where, scores(values), *extra, cb])
+              callbacks=[where, scores(values), *extra, cb, *after])
     return model, cb
 
 
@@ -210,7 +211,8 @@ class StopAfter(keras.callbacks.Callback):
 
 def test_a_skipped_save_is_made_when_fit_stops_right_after_it(tmp_path, digits, gate):
     with user_warnings("skipped") as messages:
-        model, _ = fit(digits, tmp_path, gate, [5.0, 6.0, 7.0] + [None] * 7, extra=[StopAfter(3)],
+        # Listed after the checkpoint: when it saw epoch 3 end, fit was not stopping yet.
+        model, _ = fit(digits, tmp_path, gate, [5.0, 6.0, 7.0] + [None] * 7, after=[StopAfter(3)],
                        when_behind="skip")
     assert saved(tmp_path) == ["e1", "e3"]  # epoch 3 was skipped (10 epochs planned), then made as fit ended
     fresh = make_model()
@@ -265,7 +267,7 @@ def test_other_processes_skip_the_saves_process_0_skipped(tmp_path, digits, gate
         cb._decisions = leader
 
     with user_warnings("skipped") as messages:
-        fit(digits, tmp_path, gate, [5.0, 6.0, 1.0, 7.0, 8.0] + [None] * 5, extra=[StopAfter(5)],
+        fit(digits, tmp_path, gate, [5.0, 6.0, 1.0, 7.0, 8.0] + [None] * 5, after=[StopAfter(5)],
             prepare=as_process_0, when_behind="skip")
     assert summary(messages).startswith("ModelCheckpoint skipped 2 of 5 saves")
     assert [d["skipped"] for d in leader.sent] == [False, True, False, True, True, False]
@@ -280,7 +282,7 @@ def test_other_processes_skip_the_saves_process_0_skipped(tmp_path, digits, gate
         cb._decisions, cb._committer = follower, False
 
     gate.waits.clear()
-    fit(digits, tmp_path, gate, [5.0, 4.0, 3.0, 2.0, 1.0] + [None] * 5, extra=[StopAfter(5)],
+    fit(digits, tmp_path, gate, [5.0, 4.0, 3.0, 2.0, 1.0] + [None] * 5, after=[StopAfter(5)],
         prepare=as_process_1, when_behind="skip")
     assert saved(tmp_path) == ["e1", "e3", "e5"] and follower.sent == []
     assert gate.waits == ["e3", "end", "end"] and not gate.timed_out
@@ -296,3 +298,16 @@ def test_skip_without_async_save_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"when_behind='skip' needs async_save=True: only a save written in the "
                                          r"background .*Received: when_behind='skip', async_save=False"):
         ModelCheckpoint(str(tmp_path / "ckpt"), when_behind="skip")
+
+
+def test_a_save_due_when_training_stops_is_not_skipped_so_early_stopping_cannot_change_it(tmp_path, digits, gate):
+    # EarlyStopping (listed first) stops at epoch 2 and restores epoch 1's weights in its on_train_end: a save of
+    # epoch 2 skipped then made at the end of fit would hold epoch 1's weights under epoch 2's name.
+    stop = keras.callbacks.EarlyStopping(monitor="score", mode="min", patience=1, restore_best_weights=True)
+    fit(digits, tmp_path, gate, [5.0, 6.0, 7.0, 8.0], extra=[stop], when_behind="skip")
+    assert saved(tmp_path) == ["e1", "e2"]
+    assert gate.waits == ["e2", "end"] and not gate.timed_out  # training waited: the save was made at epoch 2
+    first, second = make_model(), make_model()
+    keepbest.keras.load_weights(first, str(tmp_path / "e1"))
+    keepbest.keras.load_weights(second, str(tmp_path / "e2"))
+    assert any(not np.array_equal(a, b) for a, b in zip(weights_of(first), weights_of(second)))

@@ -85,9 +85,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
             ``"skip"``: it is skipped and training goes on (a warning at the
             first skip, a count when ``fit`` ends). A save that improves
             ``monitor`` (by ``mode`` and ``min_delta``), one at an epoch end
-            whose logs lack ``monitor``, and the last save of ``fit`` are
-            never skipped: they wait. A skipped save is made when ``fit``
-            ends right after it (stopped early).
+            whose logs lack ``monitor``, one due once ``fit`` is stopping
+            and the last save of ``fit`` (any save, where the epochs or
+            steps are unknown) are never skipped: they wait. A skipped save
+            is made when ``fit`` ends right after it (stopped by a later
+            callback).
         storage_options: for an ``s3://`` location, passed to s3fs (``endpoint_url``,
             ``key``, ``secret``, ...); without them the AWS environment is used.
         coordinator: how the processes of a multi-process job reach each other.
@@ -223,10 +225,12 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if root is not None and self._manager(root).exists():
             self._manager(root).clear_training_end()  # a sidecar evaluator waits for this run's checkpoints
         self._resume()
-        if self.async_save and not _formats.is_keras_file(self.format) and self.model.weights:
+        if self.async_save and not _formats.is_keras_file(self.format) and self.model.weights \
+                and self._coordinator is None:
             # The snapshot buffers are allocated and faulted in during the first epoch, on the writer thread.
+            # (With several processes each copies only what it writes, known at the first save.)
             specs, staging = _state.staging_specs(self.model), self._writer.staging
-            self._reserving = self._writer.submit("preparing the snapshot buffers", lambda: staging.reserve(specs))
+            self._reserving = self._writer.submit("preparing the snapshot buffers", lambda: _reserve(staging, specs))
 
     def _check_single_writer(self) -> None:
         """Two ModelCheckpoints of one fit on one filepath would prune each other's checkpoints."""
@@ -555,6 +559,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         in_flight = self._writer.in_flight
         if self.when_behind != "skip" or self.save_best_only or in_flight is None or in_flight is self._reserving:
             return False  # (buffers still being prepared are not a save to catch up with)
+        if getattr(self.model, "stop_training", False):
+            return False  # fit ends here, and a callback may change the weights in on_train_end (EarlyStopping)
         params = self.params or {}
         if is_last_due(epoch, batch, epochs=params.get("epochs"), steps=params.get("steps"),
                        save_freq=self.save_freq, every=self._epoch_period):
@@ -667,6 +673,17 @@ def _is_number(value: Any) -> bool:
 
 def _has_placeholders(template: str) -> bool:
     return any(field is not None for _, field, _, _ in string.Formatter().parse(template))
+
+
+def _reserve(staging: Any, specs: Any) -> None:
+    """The reservation job: a failure (memory) is reported and leaves the allocation to the first save."""
+    try:
+        staging.reserve(specs)
+    except Exception as e:  # noqa: BLE001 - the first save allocates, and raises, on its own
+        staging.release()
+        warnings.warn(f"keepbest could not prepare the snapshot buffers ahead of the first save "
+                      f"({type(e).__name__}: {e}); the first save allocates them instead. Received: {e!r}",
+                      RuntimeWarning, stacklevel=1)
 
 
 def _dirname(path: str) -> str:

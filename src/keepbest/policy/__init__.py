@@ -150,15 +150,18 @@ def epoch_is_due(epoch: int, every: int) -> bool:
 
 def is_last_due(epoch: int, batch: int | None, *, epochs: int | None, steps: int | None,
                 save_freq: str | int, every: int = 1) -> bool:
-    """True when no later save falls due in this run after the one due now (0-based ``epoch``/``batch``).
+    """True when no later save may fall due in this run after the one due now (0-based ``epoch``/``batch``).
 
     ``save_freq`` is ``"epoch"`` (saves every ``every`` epochs) or a number of
     batches (the count restarts at this save); ``epochs`` is the run's number of
-    epochs and ``steps`` its batches per epoch, None where unknown (then False:
-    a later save may come).
+    epochs and ``steps`` its batches per epoch. Where they are unknown, True: the
+    save may be the last one, so it is not skipped.
     """
     if epochs is None:
-        return False
+        return True
     if save_freq == "epoch":
         return epoch + every >= epochs
-    return epoch >= epochs - 1 and steps is not None and batch is not None and batch + int(save_freq) >= steps
+    if steps is None or batch is None:
+        return True
+    left = (epochs - 1 - epoch) * steps + (steps - 1 - batch)  # batches of this run after this one
+    return left < int(save_freq)
