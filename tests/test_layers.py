@@ -49,6 +49,13 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
+def _anonymous(call: ast.Call) -> bool:
+    """``mmap.mmap(-1, ...)``: an anonymous mapping, memory that no file backs."""
+    fileno = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "fileno"), None)
+    return (isinstance(fileno, ast.UnaryOp) and isinstance(fileno.op, ast.USub)
+            and isinstance(fileno.operand, ast.Constant) and fileno.operand.value == 1)
+
+
 def io_calls(path: Path) -> list[str]:
     """``line: call`` for each call in ``path`` that does file I/O."""
     found = []
@@ -58,6 +65,8 @@ def io_calls(path: Path) -> list[str]:
         name = _dotted(node.func)
         if name == "open":
             found.append((node.lineno, "open"))
+        elif name == "mmap.mmap" and _anonymous(node):
+            continue  # memory with no file behind it (fd -1): not file I/O
         elif name is not None and "." in name:
             module, _, fn = name.rpartition(".")
             if module in IO_MODULE_CALLS and (IO_MODULE_CALLS[module] is None or fn in IO_MODULE_CALLS[module]):
@@ -81,6 +90,12 @@ def test_no_module_outside_store_calls_the_filesystem():
 
 def test_the_static_check_finds_io_where_there_is_some():
     assert len(io_calls(SRC / "store" / "local.py")) > 20  # the check sees I/O where it is
+
+
+def test_the_static_check_tells_a_file_mapping_from_anonymous_memory(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import mmap\nmmap.mmap(-1, 4096)\nmmap.mmap(fileno=-1, length=8)\nmmap.mmap(fd, 4096)\n")
+    assert io_calls(source) == ["4: mmap.mmap"]
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
