@@ -35,6 +35,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import numpy as np
 
+from keepbest import _digest
 from keepbest.errors import AsyncSaveError
 
 T = TypeVar("T")
@@ -157,8 +158,10 @@ become durable). An idle CPU is the writer's in full either way."""
 
 
 def _yield_to_training() -> None:
-    """Lowers the calling thread's CPU priority (Linux: a thread id names one thread; threads it starts,
-    such as BLAKE3's, inherit it). Elsewhere nothing changes."""
+    """Lowers the calling thread's CPU priority (Linux: a thread id names one thread; threads it starts
+    inherit it; elsewhere the priority stays) and keeps its hashing on that thread, since BLAKE3's shared
+    pool of threads would run at whatever priority it was started with."""
+    _digest.one_thread_here()
     if sys.platform.startswith("linux"):
         try:
             me = threading.get_native_id()

@@ -258,3 +258,16 @@ def test_the_writer_thread_runs_at_a_lower_priority_than_training(writer):
     here = niceness()
     assert writer.submit("nice", niceness).result() == min(here + WRITER_NICENESS, 19) and WRITER_NICENESS > 0
     assert niceness() == here  # the caller's own priority is untouched
+
+
+def test_the_writer_hashes_on_its_own_thread_while_the_caller_may_hash_on_every_core(writer):
+    from keepbest import _digest
+
+    assert _digest.parallel_allowed()
+    assert writer.submit("hash", _digest.parallel_allowed).result() is False
+    assert _digest.parallel_allowed()  # the caller's hashing is untouched
+    data = np.random.default_rng(0).bytes(9 << 20)
+    # the same digest either way
+    assert writer.submit("digest", lambda: _digest.of_bytes(data)).result() == _digest.of_bytes(data)
+    assert writer.submit("digest", lambda: (h := _digest.new(threads=True), h.update(data), h.hexdigest())[2]
+                         ).result() == _digest.of_bytes(data)
